@@ -1,0 +1,47 @@
+# The one bootstrap path. On a fresh machine (as root, or with sudo):
+#   make demo   - installs everything, then runs the whole pipeline on the embedded default
+#   make test   - installs everything, then runs the test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages for headless rendering: Mesa EGL (llvmpipe on CPU) and OSMesa as the fallback.
+APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libosmesa6
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint bench install system-packages clean
+
+demo: $(STAMP)
+	$(BIN)/occ demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check occ_core moho_bridge tasks flows tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.ingest
+
+install: $(STAMP)
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# torch first, pinned by constraints.txt: any unpinned torch resolves to a CUDA build of several GB.
+# PyOpenGL 3.1.10 goes over pyrender's 3.1.0 pin (--no-deps) because OSMesa needs it; EGL works with both.
+$(STAMP): pyproject.toml constraints.txt | system-packages
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	set -o pipefail; $(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	set -o pipefail; $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install -q --no-deps "PyOpenGL==3.1.10"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .occ .pytest_cache

@@ -1,0 +1,55 @@
+"""The ``occ`` command line: one entry point that dispatches to each stage's own command.
+
+Stage commands are imported only when called, so ``occ ingest`` starts without loading Prefect,
+torch or the renderer. Each stage module also runs alone: ``python -m occ_core.synth --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+# name -> (module, attribute, one-line help). The one place that knows every stage command.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("occ_core.synth", "cli", "Generate a synthetic ObMan-format dataset."),
+    "s3": ("occ_core.s3server", "cli", "Run a local S3 server (moto) for the embedded default."),
+    "ingest": ("occ_core.s3sync", "cli", "Mirror ObMan splits from S3 into a local root."),
+    "reconstruct": ("moho_bridge.cli", "reconstruct", "Reconstruct object meshes (moho, depth, oracle)."),
+    "render": ("moho_bridge.cli", "render", "Reconstruct and render hand-free views of each object."),
+    "cot": ("occ_core.cot", "cli", "Build chain-of-thought JSONL datasets (SFT1, SFT2, CoT, SC)."),
+    "pairs": ("occ_core.preference", "cli", "Build preference pairs for MPO from SFT2 rows."),
+    "demo": ("flows.demo", "cli", "Run the whole pipeline on the embedded default (no configuration)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text comes from the table, so `occ --help` imports no stage module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="occ")
+def main(verbose: int) -> None:
+    """occ: the OCC-MLLM-CoT pipeline. Every stage is a sub-command; `occ demo` runs them all."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()

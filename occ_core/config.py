@@ -1,0 +1,52 @@
+"""One typed settings object for the whole pipeline, overridden from the environment (``OCC_*``).
+
+Stage parameters are separate pydantic models beside each stage (SynthConfig, SyncConfig, ...), so the
+Prefect UI renders them as forms; these settings are what a machine or a deployment decides.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_workers() -> int:
+    # I/O-bound transfers: many more threads than cores pay off, bounded so a laptop stays usable.
+    return min(64, 16 * (os.cpu_count() or 2))
+
+
+class Settings(BaseSettings):
+    """Machine-level settings. Every field reads ``OCC_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="OCC_", frozen=True, extra="ignore")
+
+    home: Path = Field(Path(".occ"), description="data root: every stage writes under HOME/<stage>/<key>")
+    workers: int = Field(default_factory=_default_workers, ge=1, description="threads for S3 transfers")
+    processes: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        description="worker processes for CPU-bound stages (rendering, PNG encoding)",
+    )
+    depth_convention: Literal["writer", "reader"] = Field(
+        "writer",
+        description="ObMan depth PNG direction: 'writer' (1 = nearest, obman_render) or 'reader' (255 = nearest, obman loaders)",
+    )
+    gl_platform: Literal["egl", "osmesa"] = Field(
+        "egl", description="PYOPENGL_PLATFORM for offscreen rendering when not already set"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
+
+
+def data_root(settings: Settings | None = None) -> Path:
+    """The data root (``OCC_HOME``, default ``./.occ``), made absolute."""
+    return (settings or get_settings()).home.expanduser().resolve()
