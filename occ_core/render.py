@@ -10,7 +10,8 @@ What comes out, per job, in the output directory:
 - view 0, from the input camera: ``{id}_0_obman_{split}_rgb_{id}.jpg.png`` (MOHO's name, so existing
   tools read it), and ``views`` orbit views ``{id}_{v}_obman_{split}_rgb_{id}.jpg.png``;
 - RGB PNGs on a black background, 256x256 by default, intrinsics fx = fy = 480, cx = cy = 128 scaled to
-  the size (ObMan's fixed camera).
+  the size (ObMan's fixed camera). Pixels follow Blender, which rendered ObMan: pixel (i, j) spans
+  [i, i+1) x [j, j+1), so (cx, cy) is the image centre and a render lines up with the photo.
 
 Shading is flat and unlit: each pixel is the mesh's interpolated vertex colour. The depth-fallback meshes
 take their colours from the photo, so view 0 then reproduces the visible object as photographed,
