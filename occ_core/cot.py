@@ -1,0 +1,534 @@
+"""Questions, answers and the chain-of-thought datasets of every training stage, in the method's formats.
+
+Command (each run writes OUT.jsonl, OUT.parquet for trl and OUT.meta.json for InternVL)::
+
+    occ cot build --stage {sft1,sft2,cot,sc} --source ROWS.jsonl [--unclear-ids IDS.json] --out OUT.jsonl
+    python -m occ_core.cot build ...
+
+ROWS are Q1-format rows ``{"id", "image", "conversations"}``; IDS is the upstream list of ids the
+earlier checkpoint got wrong (``[{"answer": id}, ...]``) or a plain JSON list of ids. Given the same
+inputs the output repeats the upstream file row for row (docs/method-spec.md sections 1-2):
+
+- ``sft1``: Q1 and its answer (``train_Q1_10140.jsonl``);
+- ``sft2``: Q1, its answer, Q6 and ``No.`` for an unclear image, ``Yes.`` otherwise (``train_Q1_Q6_10140``);
+- ``cot``: SFT2 rows of which a seeded fraction is replaced by Q0 and its fixed step-by-step answer
+  (``train_Q1_Q6_Q0_4_balanced_10140``; the upstream replacement had no seed);
+- ``sc``: Q1 rows for the self-correction stage (``train_Q1_101`` is the first 101 rows: ``--limit 101``).
+
+A sample table (one row per image: ``id``, ``image``, ``cls``, ``unclear``) is turned into rows by
+``build_rows``; rows are encoded from one serialised conversation per (turns, class, label), so a
+150k-row file costs one string join per row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from occ_core.classes import QA_CLASSES, answer_for
+from occ_core.errors import BadSample, StageError
+from occ_core.fsio import write_json_atomic, write_jsonl_atomic, write_parquet_atomic
+from occ_core.jsonl import dumps, iter_jsonl, write_lines_atomic
+from occ_core.stage import StageReport, Timer
+
+# Exact strings of the method (docs/method-spec.md section 1). "orignal" is the upstream spelling.
+Q1_TEXT = "What's the object in the hand?"
+Q6_TEXT = "Is it clear to identify the object in the hand?"
+Q0_TEXT = "Please analyze this image step by step."
+COT_ANSWER = (
+    "Step 1: I will analyze this RGB image and identify the object in the hand. "
+    "Step 2: I will assess whether the object in the hand can be clearly identified from the original image. "
+    "Step 3: Based on the assessment in Step 2, if clear: I will describe the object based on orignal "
+    "features present in the image; if unclear: I will apply a 3D reconstruction model to render an "
+    "enhanced version of the image, then use this rendered image to identify the object."
+)
+RECHECK_TEXT = "Please check again what's the object in the hand?"
+YES, NO = "Yes.", "No."
+IMAGE_TOKEN = "<image>"
+
+STAGES = ("sft1", "sft2", "cot", "sc")
+TURNS: tuple[str, ...] = ("q1", "q1q6", "q0")
+SAMPLE_COLUMNS = ("id", "image", "cls", "unclear")
+ANSWER_PATTERN = re.compile(r"The object is (?P<cls>.+)\.")
+_COT_STREAM = 0xC07  # separates the CoT draw from other seeded draws on the same seed
+# trl conversational column: a list of {role, content} messages with plain-text content.
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+class Prompts(BaseModel):
+    """The question registry: every question string, with the upstream variants as defaults."""
+
+    model_config = ConfigDict(frozen=True)
+
+    q1: str = Field(Q1_TEXT, description="Q1, the description question; its answer is 'The object is {class}.'")
+    q6: str = Field(Q6_TEXT, description="Q6, the clarity question asked after Q1; answered 'Yes.' or 'No.'")
+    q0: str = Field(Q0_TEXT, description="Q0, the step-by-step CoT prompt")
+    cot_answer: str = Field(COT_ANSWER, description="the fixed answer to Q0 (upstream typo 'orignal' kept)")
+    recheck: str = Field(RECHECK_TEXT, description="the self-correction re-ask that replaces Q1 on the 2nd attempt")
+    q2: str | None = Field(None, description="Q2 text; unknown upstream (method-spec 1), unused by any stage")
+    q3: str | None = Field(None, description="Q3 text; unknown upstream, unused by any stage")
+    q4: str | None = Field(None, description="Q4 text; unknown upstream, unused by any stage")
+    q5: str | None = Field(None, description="Q5 text; unknown upstream, unused by any stage")
+    image_token: str = Field(IMAGE_TOKEN, description="InternVL image placeholder in a human turn")
+    image_after_text: bool = Field(
+        True, description="image token after the question ('Q\\n<image>', upstream) or before it ('<image>\\nQ')"
+    )
+    pair_question_newline: bool = Field(
+        True, description="end the clarity question of preference pairs with '\\n', as the upstream DPO files do"
+    )
+
+    def question(self, key: str) -> str:
+        """The text of question ``Q0``..``Q6`` or ``SC`` (the re-ask); an unset Q2-Q5 slot is an error."""
+        texts = {"Q0": self.q0, "Q1": self.q1, "Q2": self.q2, "Q3": self.q3, "Q4": self.q4,
+                 "Q5": self.q5, "Q6": self.q6, "SC": self.recheck}
+        if key not in texts:
+            raise KeyError(f"unknown question {key!r}; expected one of {', '.join(texts)}")
+        if texts[key] is None:
+            raise KeyError(f"question {key} has no text: its upstream wording is unknown; set Prompts.{key.lower()}")
+        return texts[key]
+
+    def with_image(self, text: str) -> str:
+        """A human turn's text carrying the image token on its own line."""
+        if self.image_after_text:
+            return f"{text}\n{self.image_token}"
+        return f"{self.image_token}\n{text}"
+
+    def pair_question(self) -> str:
+        """The clarity question as the preference pairs ask it (no image token; the MPO loader adds it)."""
+        return self.q6 + ("\n" if self.pair_question_newline else "")
+
+
+class CotConfig(BaseModel):
+    """How the datasets are drawn from the sample table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cot_fraction: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="share of SFT2 rows whose conversation becomes Q0 and its fixed answer (upstream: 25.7%)",
+    )
+    seed: int = Field(0, description="seed of every random choice (CoT rows, balancing); part of the stage key")
+    limit: int | None = Field(
+        None, ge=1, description="keep only the first N source rows (upstream SC file: the first 101); None keeps all"
+    )
+    prompts: Prompts = Field(default_factory=Prompts, description="question strings and their upstream variants")
+
+
+def clarity_answer(unclear: bool) -> str:
+    """``No.`` for an unclear image, ``Yes.`` for a clear one."""
+    return NO if unclear else YES
+
+
+def conversation(prompts: Prompts, turns: str, cls: str | None, unclear: bool | None) -> list[dict[str, str]]:
+    """The InternVL ``conversations`` list of one row.
+
+    Args:
+        prompts: Question strings.
+        turns: ``q1`` (description), ``q1q6`` (description then clarity) or ``q0`` (CoT prompt).
+        cls: QA class of the object (unused for ``q0``).
+        unclear: Clarity label (used for ``q1q6`` only).
+    """
+    if turns == "q0":
+        return [{"from": "human", "value": prompts.with_image(prompts.q0)}, {"from": "gpt", "value": prompts.cot_answer}]
+    described = [{"from": "human", "value": prompts.with_image(prompts.q1)}, {"from": "gpt", "value": answer_for(cls)}]
+    if turns == "q1":
+        return described
+    if turns == "q1q6":
+        if unclear is None:
+            raise ValueError("a Q1+Q6 conversation needs a clarity label")
+        return described + [{"from": "human", "value": prompts.q6}, {"from": "gpt", "value": clarity_answer(unclear)}]
+    raise ValueError(f"unknown turns {turns!r}; expected one of {', '.join(TURNS)}")
+
+
+def chat_messages(prompts: Prompts, turns: str, cls: str | None, unclear: bool | None) -> tuple[list, list]:
+    """The same conversation as trl ``(prompt, completion)`` messages, image tokens left to the processor."""
+    strip = prompts.image_token
+    messages = [
+        {"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"].replace(strip, "").strip()}
+        for turn in conversation(prompts, turns, cls, unclear)
+    ]
+    return messages[:-1], messages[-1:]
+
+
+# --- reading sources ---------------------------------------------------------------------------------
+
+
+def empty_table() -> pd.DataFrame:
+    """A sample table with no rows and the right dtypes."""
+    return sample_table([], [], [], [])
+
+
+def sample_table(ids: list[str], images: list[str], classes: list[str], unclear: list[bool | None]) -> pd.DataFrame:
+    """One row per image: ``id``, ``image`` (file name under the image root), ``cls``, ``unclear``."""
+    return pd.DataFrame(
+        {"id": pd.array(ids, dtype="string"), "image": pd.array(images, dtype="string"),
+         "cls": pd.array(classes, dtype="string"), "unclear": pd.array(unclear, dtype="boolean")}
+    )
+
+
+def _parse_row(row: dict[str, Any], path: Path, number: int, prompts: Prompts) -> tuple[str, str, str, bool | None]:
+    where = f"line {number}"
+    sample_id = row.get("id")
+    if not isinstance(sample_id, str) or not sample_id:
+        raise BadSample(path, f"{where}: 'id' must be a non-empty string, got {sample_id!r}")
+    image = row.get("image")
+    if not isinstance(image, str) or not image:
+        raise BadSample(path, f"{where}: 'image' must be a non-empty string, got {image!r}", sample_id)
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2 or not all(
+        isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+    ):
+        raise BadSample(path, f"{where}: 'conversations' must hold at least 2 turns with a 'value'", sample_id)
+    if (turns[0].get("from"), turns[1].get("from")) != ("human", "gpt"):
+        raise BadSample(path, f"{where}: the first two turns must be from 'human' then 'gpt'", sample_id)
+    match = ANSWER_PATTERN.fullmatch(turns[1]["value"])
+    if match is None:
+        raise BadSample(path, f"{where}: answer {turns[1]['value']!r} is not 'The object is <class>.'", sample_id)
+    if match["cls"] not in QA_CLASSES:
+        raise BadSample(path, f"{where}: unknown class {match['cls']!r}; expected one of {', '.join(QA_CLASSES)}",
+                        sample_id)
+    unclear = None
+    if len(turns) >= 4 and turns[2]["value"] == prompts.q6:
+        if turns[3]["value"] not in (YES, NO):
+            raise BadSample(path, f"{where}: clarity answer {turns[3]['value']!r} is neither 'Yes.' nor 'No.'",
+                            sample_id)
+        unclear = turns[3]["value"] == NO
+    return sample_id, image, match["cls"], unclear
+
+
+def read_rows(
+    path: Path | str, prompts: Prompts | None = None, image_root: Path | None = None
+) -> tuple[pd.DataFrame, StageReport]:
+    """Read Q1-format rows (SFT2 rows too) into a sample table; bad rows are quarantined, never fatal.
+
+    A row keeps its clarity label when its turns 3-4 are Q6 and ``Yes.``/``No.``; only its first
+    question-answer pair is used otherwise, as upstream did.
+
+    Args:
+        path: JSONL of ``{id, image, conversations}`` rows.
+        prompts: Question strings (to recognise the clarity turn).
+        image_root: When given, a row whose image file is missing under it is quarantined.
+    Returns:
+        The sample table (input order) and a report counting rows read and quarantined with reasons:
+        malformed JSON (with its line number), bad fields, unknown class, duplicate id, missing image.
+    """
+    path, prompts = Path(path), prompts or Prompts()
+    report = StageReport("cot-source")
+    first_line: dict[str, int] = {}
+    ids, images, classes, labels = [], [], [], []
+    for number, row in iter_jsonl(path):
+        try:
+            if isinstance(row, BadSample):
+                raise row
+            sample_id, image, cls, unclear = _parse_row(row, path, number, prompts)
+            if sample_id in first_line:
+                raise BadSample(path, f"line {number}: duplicate id {sample_id!r} (first on line "
+                                      f"{first_line[sample_id]})", sample_id)
+            if image_root is not None and not (image_root / image).is_file():
+                raise BadSample(image_root / image, f"line {number}: missing image", sample_id)
+        except BadSample as bad:
+            report.quarantine(bad.sample_id or f"line {number}", bad.path, bad.reason)
+            continue
+        first_line[sample_id] = number
+        ids.append(sample_id)
+        images.append(image)
+        classes.append(cls)
+        labels.append(unclear)
+    report.ok = len(ids)
+    return sample_table(ids, images, classes, labels), report
+
+
+def read_unclear_ids(path: Path | str) -> set[str]:
+    """Ids the earlier checkpoint answered wrongly: ``[{"answer": id}, ...]`` (upstream) or ``[id, ...]``.
+
+    Raises:
+        BadSample: The file is not a JSON list of id strings or ``{"answer": id}`` objects.
+    """
+    return ids_from_list(read_json(path), path)
+
+
+def read_json(path: Path | str) -> Any:
+    """Parse a JSON file; a file that is not JSON is a BadSample naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadSample(path, f"not valid JSON ({exc})") from exc
+
+
+def ids_from_list(items: Any, path: Path | str) -> set[str]:
+    """The ids of an upstream id list (``[{"answer": id}, ...]``) or a plain list of id strings."""
+    if not isinstance(items, list):
+        raise BadSample(path, f"expected a JSON list of ids or {{'answer': id}} objects, got {type(items).__name__}")
+    ids = set()
+    for index, item in enumerate(items):
+        value = item.get("answer") if isinstance(item, dict) else item
+        if not isinstance(value, str) or not value:
+            raise BadSample(path, f"item {index}: expected an id string or {{'answer': id}}, got {item!r}")
+        ids.add(value)
+    return ids
+
+
+def label_unclear(table: pd.DataFrame, unclear_ids: set[str]) -> pd.DataFrame:
+    """The table with ``unclear`` = id is in ``unclear_ids`` (the method's rule, method-spec 2.2)."""
+    return table.assign(unclear=pd.array(table["id"].isin(unclear_ids).to_numpy(), dtype="boolean"))
+
+
+def drop_unlabelled(table: pd.DataFrame, report: StageReport, source: Path | str) -> pd.DataFrame:
+    """Quarantine rows without a clarity label (they cannot become SFT2 rows) and return the rest."""
+    missing = table["unclear"].isna().to_numpy()
+    for sample_id in table["id"][missing]:
+        report.quarantine(sample_id, source, "no clarity label: no Q6 turn in the row and not graded")
+    report.ok -= int(missing.sum())
+    return table[~missing].reset_index(drop=True)
+
+
+# --- building rows -----------------------------------------------------------------------------------
+
+
+def build_rows(table: pd.DataFrame, stage: str, cfg: CotConfig | None = None) -> pd.DataFrame:
+    """Rows of one dataset: the sample table plus a ``turns`` column saying which conversation each gets.
+
+    Args:
+        table: Sample table (``id``, ``image``, ``cls``, ``unclear``).
+        stage: ``sft1``, ``sft2``, ``cot`` or ``sc``.
+        cfg: CoT fraction, seed and row limit.
+    Raises:
+        ValueError: Unknown stage, or SFT2/CoT rows without a clarity label.
+    """
+    cfg = cfg or CotConfig()
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    rows = table.head(cfg.limit) if cfg.limit is not None else table
+    if stage in ("sft1", "sc"):
+        return rows.assign(turns="q1").reset_index(drop=True)
+    if rows["unclear"].isna().any():
+        raise ValueError(f"{int(rows['unclear'].isna().sum())} rows have no clarity label; grade them first")
+    turns = np.full(len(rows), "q1q6", dtype=object)
+    if stage == "cot":
+        n_cot = round(cfg.cot_fraction * len(rows))
+        turns[np.random.default_rng([cfg.seed, _COT_STREAM]).choice(len(rows), n_cot, replace=False)] = "q0"
+    return rows.assign(turns=turns).reset_index(drop=True)
+
+
+def view3d_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Q1 rows asked on each sample's view-0 render (``{id}_0_obman_{split}_rgb_{id}.jpg.png``)."""
+    from occ_core.render import view_filename  # render imports trimesh; only 3D-view rows need the name
+
+    renders = pd.array([view_filename(i, split, 0) for i in table["id"]], dtype="string")
+    return table.assign(image=renders, turns="q1").reset_index(drop=True)
+
+
+def _template_key(turns: str, cls: str, unclear: Any) -> tuple:
+    # A row's conversation depends only on these; Q0 rows and Q1 rows ignore some of them.
+    if turns == "q0":
+        return (turns, None, None)
+    return (turns, cls, bool(unclear) if turns == "q1q6" else None)
+
+
+def check_conversation(turns: list[dict[str, str]], prompts: Prompts) -> None:
+    """Schema of one ``conversations`` list: alternating human/gpt, one image token in the first turn only.
+
+    Raises:
+        StageError: The conversation breaks the schema (a bug, not bad input).
+    """
+    roles = [t["from"] for t in turns]
+    if not turns or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+        raise StageError(f"conversation turns must alternate human/gpt, got {roles}")
+    tokens = [t["value"].count(prompts.image_token) for t in turns]
+    if tokens != [1] + [0] * (len(turns) - 1):
+        raise StageError(f"the image token must appear once, in the first turn; counts per turn: {tokens}")
+    if any(not t["value"] for t in turns):
+        raise StageError("empty turn in a conversation")
+
+
+def check_rows(rows: pd.DataFrame) -> None:
+    """Schema of a row table before it is written: unique non-empty ids, images, known classes and turns.
+
+    Raises:
+        StageError: Naming the column and the first offending values.
+    """
+    for column in ("id", "image"):
+        values = rows[column]
+        if values.isna().any() or (values.str.len() == 0).any():
+            raise StageError(f"rows have a missing or empty {column!r}")
+    duplicated = rows["id"][rows["id"].duplicated()]
+    if len(duplicated):
+        raise StageError(f"duplicate ids in rows: {list(duplicated[:5])}")
+    unknown = set(rows["cls"]) - set(QA_CLASSES)
+    if unknown:
+        raise StageError(f"unknown classes in rows: {sorted(unknown)}")
+    if "turns" in rows and not set(rows["turns"]) <= set(TURNS):
+        raise StageError(f"unknown turns in rows: {sorted(set(rows['turns']) - set(TURNS))}")
+
+
+def encode_rows(rows: pd.DataFrame, prompts: Prompts) -> Iterator[str]:
+    """JSONL lines ``{"id", "image", "conversations"}`` byte-identical to ``jsonl.dumps`` of each row."""
+    encoded: dict[tuple, str] = {}
+    for sample_id, image, turns, cls, unclear in zip(
+        rows["id"].tolist(), rows["image"].tolist(), rows["turns"].tolist(), rows["cls"].tolist(),
+        rows["unclear"].tolist(), strict=True,
+    ):
+        key = _template_key(turns, cls, unclear)
+        if key not in encoded:
+            turns_list = conversation(prompts, *key)
+            check_conversation(turns_list, prompts)
+            encoded[key] = dumps(turns_list)
+        yield f'{{"id": {dumps(sample_id)}, "image": {dumps(image)}, "conversations": {encoded[key]}}}'
+
+
+def image_paths(images: pd.Series, image_root: Path | None) -> pa.Array:
+    """A trl ``images`` column: one-element lists of image paths (under ``image_root`` when given)."""
+    paths = images.tolist() if image_root is None else [str(image_root / name) for name in images.tolist()]
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(paths) + 1, dtype=np.int32)), pa.array(paths, pa.string()))
+
+
+def take_templates(keys: list[tuple], make: Any) -> tuple[list[tuple], np.ndarray]:
+    """Distinct template keys and, per row, the index of its key (rows share a handful of templates)."""
+    index: dict[tuple, int] = {}
+    positions = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
+    return [make(*k) for k in index], positions
+
+
+def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> pa.Table:
+    """trl prompt-completion table: ``id``, ``images``, ``prompt``, ``completion`` (conversational).
+
+    The prompt holds every turn before the last answer, so an SFT2 row is [Q1, answer, Q6] -> [Yes./No.].
+    """
+    keys = [_template_key(*k) for k in zip(rows["turns"].tolist(), rows["cls"].tolist(), rows["unclear"].tolist(),
+                                           strict=True)]
+    templates, positions = take_templates(keys, lambda *k: chat_messages(prompts, *k))
+    take = pa.array(positions)
+    return pa.table({
+        "id": pa.array(rows["id"].tolist(), pa.string()),
+        "images": image_paths(rows["image"], image_root),
+        "prompt": pa.array([t[0] for t in templates], MESSAGES).take(take),
+        "completion": pa.array([t[1] for t in templates], MESSAGES).take(take),
+    })
+
+
+def internvl_meta(name: str, annotation: Path, image_root: Path | None, length: int) -> dict[str, Any]:
+    """InternVL ``meta.json`` content for one JSONL (the keys its SFT and MPO loaders read)."""
+    return {name: {"root": str(image_root.resolve()) if image_root is not None else "", "annotation": str(annotation),
+                   "data_augment": False, "repeat_time": 1, "length": length}}
+
+
+def meta_path(jsonl_path: Path) -> Path:
+    """``OUT.meta.json`` beside ``OUT.jsonl``."""
+    return jsonl_path.with_name(jsonl_path.stem + ".meta.json")
+
+
+def write_dataset(out: Path, lines: Iterator[str], table: pa.Table, image_root: Path | None) -> int:
+    """Write one dataset: ``out`` (JSONL), ``out`` with ``.parquet`` (trl) and ``.meta.json`` (InternVL)."""
+    out = Path(out)
+    count = write_lines_atomic(out, lines)
+    if count != table.num_rows:
+        raise StageError(f"{out}: {count} JSONL rows but {table.num_rows} Parquet rows")
+    write_parquet_atomic(out.with_suffix(".parquet"), table)
+    write_json_atomic(meta_path(out), internvl_meta(out.stem, out.resolve(), image_root, count))
+    return count
+
+
+def write_sidecar_quarantine(out: Path, report: StageReport) -> Path | None:
+    """``OUT.quarantine.jsonl`` listing every quarantined row, when there is one."""
+    if not report.quarantined:
+        return None
+    return write_jsonl_atomic(out.with_name(out.stem + ".quarantine.jsonl"), (asdict(q) for q in report.quarantined))
+
+
+def build(
+    stage: str, source: Path, out: Path, *, unclear_ids: Path | None = None, cfg: CotConfig | None = None,
+    image_root: Path | None = None,
+) -> StageReport:
+    """Build one dataset file from Q1-format rows: the library call behind ``occ cot build``.
+
+    Args:
+        stage: ``sft1``, ``sft2``, ``cot`` or ``sc``.
+        source: Q1-format (or SFT2) rows.
+        out: Output JSONL; the Parquet and meta.json go beside it.
+        unclear_ids: The id list of the model-errors grader; needed for sft2/cot unless the rows carry Q6.
+        cfg: CoT fraction, seed, row limit and prompts.
+        image_root: Image folder: rows with a missing image are quarantined; written into meta.json.
+    Returns:
+        Report with rows written (``ok``), quarantined rows and ``extra`` counts.
+    """
+    cfg = cfg or CotConfig()
+    with Timer() as timer:
+        table, report = read_rows(source, cfg.prompts, image_root)
+        if unclear_ids is not None:
+            wrong = read_unclear_ids(unclear_ids)
+            table = label_unclear(table, wrong)
+            report.extra["unclear_ids_unmatched"] = len(wrong - set(table["id"]))
+        if stage in ("sft2", "cot"):
+            if len(table) and table["unclear"].isna().all():
+                raise ValueError(f"--stage {stage} needs clarity labels: the rows carry no Q6 turn")
+            table = drop_unlabelled(table, report, source)
+        rows = build_rows(table, stage, cfg)
+        check_rows(rows)
+        report.ok = write_dataset(out, encode_rows(rows, cfg.prompts), trl_table(rows, cfg.prompts, image_root),
+                                  image_root)
+        write_sidecar_quarantine(out, report)
+    report.seconds = timer.seconds
+    report.stage = f"cot-{stage}"
+    report.extra.update(turn_counts(rows))
+    return report
+
+
+def turn_counts(rows: pd.DataFrame) -> dict[str, int]:
+    """Rows per conversation kind and per clarity answer, for summaries."""
+    counts = {f"rows_{k}": int(v) for k, v in rows["turns"].value_counts().items()}
+    labelled = rows[rows["turns"] == "q1q6"]
+    counts["answer_no"] = int(labelled["unclear"].sum())
+    counts["answer_yes"] = int(len(labelled) - counts["answer_no"])
+    return counts
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """A config field's description, reused as its command-line help."""
+    return model.model_fields[name].description or ""
+
+
+@click.group()
+def cli() -> None:
+    """Build the method's chain-of-thought datasets (SFT1, SFT2, CoT, SC)."""
+
+
+@cli.command("build")
+@click.option("--stage", type=click.Choice(STAGES), required=True, help="which dataset to build")
+@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Q1-format rows {id, image, conversations}, one JSON object per line")
+@click.option("--unclear-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='ids answered wrongly by the earlier checkpoint: [{"answer": id}, ...] or [id, ...]')
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="output JSONL")
+@click.option("--cot-fraction", type=float, default=CotConfig.model_fields["cot_fraction"].default,
+              show_default=True, help=field_help(CotConfig, "cot_fraction"))
+@click.option("--seed", type=int, default=0, show_default=True, help=field_help(CotConfig, "seed"))
+@click.option("--limit", type=int, default=None, help=field_help(CotConfig, "limit"))
+@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="image folder: rows whose image is missing there are quarantined; written into meta.json")
+def build_command(stage: str, source: Path, unclear_ids: Path | None, out: Path, cot_fraction: float, seed: int,
+                  limit: int | None, image_root: Path | None) -> None:
+    """Write OUT (JSONL), OUT.parquet (trl) and OUT.meta.json (InternVL) for one training stage."""
+    cfg = CotConfig(cot_fraction=cot_fraction, seed=seed, limit=limit)
+    try:
+        report = build(stage, source, out, unclear_ids=unclear_ids, cfg=cfg, image_root=image_root)
+    except BadSample as bad:
+        raise click.BadParameter(str(bad), param_hint="--unclear-ids") from bad
+    except ValueError as exc:
+        raise click.UsageError(f"{exc}; pass --unclear-ids") from exc
+    click.echo(json.dumps(report.summary()))
+    for item in report.quarantined[:10]:
+        click.echo(f"quarantined {item.sample_id}: {item.path}: {item.reason}", err=True)
+
+
+if __name__ == "__main__":
+    cli()
