@@ -207,10 +207,29 @@ def validate_meta(meta: Any, path: Path) -> dict:
     return meta
 
 
-def load_meta(path: Path) -> dict:
-    """Load and validate one ``meta/{id}.pkl`` through the restricted unpickler.
+def restricted_loads(data: bytes, path: Path) -> Any:
+    """Unpickle untrusted bytes: numpy arrays, numpy scalars and plain Python values only.
 
     Python-2 era pickles load too (``encoding="latin1"``).
+
+    Args:
+        data: The pickle's bytes.
+        path: Where they came from, named in errors.
+    Raises:
+        BadSample: A forbidden global (nothing of it has run), a truncated or corrupt pickle.
+    """
+    try:
+        return _RestrictedUnpickler(data, path).load()
+    except BadSample:
+        raise
+    except EOFError:
+        raise BadSample(path, "meta pickle is truncated") from None
+    except Exception as exc:  # a corrupt pickle raises almost anything; all of it means "bad file"
+        raise BadSample(path, f"meta pickle is corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def load_meta(path: Path) -> dict:
+    """Load and validate one ``meta/{id}.pkl`` through the restricted unpickler.
 
     Args:
         path: The meta pickle.
@@ -220,16 +239,7 @@ def load_meta(path: Path) -> dict:
         BadSample: Missing or unreadable file, a forbidden global, a corrupt pickle, invalid content.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    try:
-        meta = _RestrictedUnpickler(data, path).load()
-    except BadSample:
-        raise
-    except EOFError:
-        raise BadSample(path, "meta pickle is truncated") from None
-    except Exception as exc:  # a corrupt pickle raises almost anything; all of it means "bad file"
-        raise BadSample(path, f"meta pickle is corrupt: {type(exc).__name__}: {exc}") from exc
-    return validate_meta(meta, path)
+    return validate_meta(restricted_loads(_read_bytes(path), path), path)
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -373,8 +383,12 @@ def resolve_mesh_path(meta: dict, root: Path, shapenet_root: Path | None = None)
 
 
 def pixel_rays(height: int, width: int, K: np.ndarray = K) -> np.ndarray:
-    """(H, W, 3) rays K^-1 [u, v, 1] of every pixel, pixel centres at integer (u, v)."""
-    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    """(H, W, 3) rays K^-1 [u, v, 1] through every pixel centre.
+
+    Pixels follow Blender, which rendered ObMan: pixel (i, j) spans [i, i+1) x [j, j+1), so its centre
+    is (i + 0.5, j + 0.5) and (cx, cy) = (128, 128) is the image centre.
+    """
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     pixels = np.stack([u, v, np.ones_like(u)], axis=-1)
     return pixels @ np.linalg.inv(K).T
 
@@ -391,7 +405,7 @@ def backproject(
         depth: (H, W) metres; ``radial`` = distance from the camera centre along the ray,
             ``planar`` = z along the optical axis.
         mask: (H, W) bool, the pixels to lift.
-        K: 3x3 intrinsics, pixel centres at integer coordinates.
+        K: 3x3 intrinsics; pixel (i, j) is sampled at its centre (i + 0.5, j + 0.5), see pixel_rays.
         depth_kind: ``radial`` or ``planar``.
     Returns:
         (N, 3) float64 points in the OpenCV camera frame (x right, y down, z forward), row-major order.

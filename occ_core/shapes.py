@@ -98,7 +98,7 @@ def prism(outline: np.ndarray, thickness: float, rings: int = 5) -> trimesh.Trim
     for i in range(n):
         j = (i + 1) % n
         sides += [(i, count + i, count + j), (i, count + j, j)]
-    faces = np.vstack([cap_faces, cap_faces[:, ::-1] + count, np.asarray(sides)[:, ::-1]])
+    faces = np.vstack([cap_faces, cap_faces[:, ::-1] + count, np.asarray(sides)])
     mesh = trimesh.Trimesh(np.vstack([top, bottom]), faces, process=False)
     if mesh.volume < 0:
         mesh.invert()

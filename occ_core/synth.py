@@ -16,8 +16,9 @@ kept frames per split. Every random choice of a frame comes from a generator see
 
 Conventions written (also in synth_info.json and every meta): depth PNG in obman_render's "writer"
 direction (0 background, 1 nearest .. 255 farthest, per-channel min/max in meta) and "radial" depth
-(distance from the camera centre along the pixel ray, as Cycles' Z pass); pixel centres at integer
-(u, v), so ``occ_core.obman.backproject(depth, mask, K)`` inverts the render exactly.
+(distance from the camera centre along the pixel ray, as Cycles' Z pass); pixels as in Blender (pixel
+(i, j) spans [i, i+1) x [j, j+1)), so ``occ_core.obman.backproject(depth, mask, K)`` inverts the
+render and occ_core.render's views line up with the photos.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class Frame:
     class_name: str
     visibility: float
     files: dict[str, bytes] = field(default_factory=dict)
+    mesh_index: int = -1
 
     @property
     def kept(self) -> bool:
@@ -177,7 +179,6 @@ def mesh_file(root: Path, synset: str, sample_id: str) -> Path:
 
 
 def _write_mesh_once(path: Path, mesh: trimesh.Trimesh) -> None:
-    # Workers may race on a shared pool mesh; the content is the same, the rename atomic.
     if path.exists():
         return
     with atomic_path(path) as tmp:
@@ -295,9 +296,8 @@ def _opencv_order_png(channels: list[np.ndarray]) -> bytes:
 class SceneRenderer:
     """One offscreen GL context and the four render passes a frame needs (camera at the Blender origin).
 
-    pyrender's camera frame is OpenGL's, which is Blender's: geometry posed by ``affine_transform``
-    renders as in ObMan. The principal point is shifted by half a pixel so that pixel (i, j) samples
-    its centre at u = i, v = j, the OpenCV convention of obman.K.
+    pyrender's camera frame and pixel grid are OpenGL's, which are Blender's: geometry posed by
+    ``affine_transform`` renders as in ObMan, pixel (i, j) covering [i, i+1) x [j, j+1).
     """
 
     def __init__(self) -> None:
@@ -306,7 +306,7 @@ class SceneRenderer:
 
         self._pyrender = pyrender
         fx, fy, cx, cy = obman.K[0, 0], obman.K[1, 1], obman.K[0, 2], obman.K[1, 2]
-        self._camera = pyrender.IntrinsicsCamera(fx, fy, cx + 0.5, cy + 0.5, znear=0.05, zfar=10.0)
+        self._camera = pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=0.05, zfar=10.0)
         self._renderer = pyrender.OffscreenRenderer(_SIZE, _SIZE)
         self._ray_length = np.linalg.norm(obman.pixel_rays(_SIZE, _SIZE), axis=-1).astype(np.float32)
 
@@ -380,9 +380,9 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
     names = [c for c in QA_CLASSES if cfg.class_weights.get(c, 0) > 0]
     weights = np.array([cfg.class_weights[c] for c in names], dtype=float)
     class_name = names[rng.choice(len(names), p=weights / weights.sum())]
-    sample_id, model = pool_mesh(cfg.seed, attempt.split, class_name, int(rng.integers(cfg.meshes_per_class)))
+    mesh_index = int(rng.integers(cfg.meshes_per_class))
+    sample_id, model = pool_mesh(cfg.seed, attempt.split, class_name, mesh_index)
     synset = SYNSET_BY_CLASS[class_name]
-    _write_mesh_once(mesh_file(cfg.out, synset, sample_id), model)
 
     affine = object_pose(class_name, rng)
     placed = model.copy()
@@ -437,7 +437,7 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
         f"depth/{attempt.frame_id}.png": _opencv_order_png(encoded),
         f"meta/{attempt.frame_id}.pkl": pickle.dumps(meta, protocol=2),
     }
-    return Frame(attempt, class_name, visibility, files)
+    return Frame(attempt, class_name, visibility, files, mesh_index)
 
 
 def _over(rgba: np.ndarray, backdrop: np.ndarray) -> np.ndarray:
@@ -546,6 +546,10 @@ def _generate_split(cfg: SynthConfig, split: str, run: Runner, batch: int, repor
             if not frame.kept:
                 dropped += 1
                 continue
+            # Meshes are written here, for kept frames only: the pool is deterministic, and the
+            # dataset then holds exactly the meshes its frames refer to.
+            sample_id, model = pool_mesh(cfg.seed, split, frame.class_name, frame.mesh_index)
+            _write_mesh_once(mesh_file(cfg.out, SYNSET_BY_CLASS[frame.class_name], sample_id), model)
             for relative, data in frame.files.items():
                 write_bytes_atomic(split_dir / relative, data)
             classes[frame.class_name] += 1
@@ -597,7 +601,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
         "params": content,
         "depth_convention": DEPTH_CONVENTION,
         "depth_kind": DEPTH_KIND,
-        "pixel_centres": "integer (u, v), OpenCV",
+        "pixel_centres": "(i + 0.5, j + 0.5): Blender's grid, pixel (i, j) spans [i, i+1) x [j, j+1)",
         "K": obman.K.tolist(),
         "image_size": [_SIZE, _SIZE],
         "complete": False,
