@@ -341,15 +341,13 @@ class Hand:
     parts: tuple[HandPart, ...]
     joints: np.ndarray  # (21, 3)
 
-    def transformed(self, matrix: np.ndarray) -> Hand:
-        """The same hand moved by a 4x4 rigid transform."""
-        parts = []
-        for part in self.parts:
-            mesh = part.mesh.copy()
-            mesh.apply_transform(matrix)
-            parts.append(HandPart(mesh, part.label))
-        joints = trimesh.transform_points(self.joints, matrix)
-        return Hand(tuple(parts), joints)
+    def meshes_by_label(self) -> dict[int, trimesh.Trimesh]:
+        """One mesh per segmentation label (the parts sharing a label, concatenated)."""
+        labels = sorted({p.label for p in self.parts})
+        return {
+            label: trimesh.util.concatenate([p.mesh for p in self.parts if p.label == label])
+            for label in labels
+        }
 
     def surface_points(self, count: int, rng: np.random.Generator) -> np.ndarray:
         """``count`` points spread over the hand without the forearm (MANO has none), area-weighted."""

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -294,7 +295,7 @@ def _opencv_order_png(channels: list[np.ndarray]) -> bytes:
 
 
 class SceneRenderer:
-    """One offscreen GL context and the four render passes a frame needs (camera at the Blender origin).
+    """One offscreen GL context (camera at the Blender origin) and the passes a frame needs.
 
     pyrender's camera frame and pixel grid are OpenGL's, which are Blender's: geometry posed by
     ``affine_transform`` renders as in ObMan, pixel (i, j) covering [i, i+1) x [j, j+1).
@@ -304,41 +305,73 @@ class SceneRenderer:
         os.environ.setdefault("PYOPENGL_PLATFORM", get_settings().gl_platform)
         import pyrender
 
-        self._pyrender = pyrender
+        self.pyrender = pyrender
         fx, fy, cx, cy = obman.K[0, 0], obman.K[1, 1], obman.K[0, 2], obman.K[1, 2]
-        self._camera = pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=0.05, zfar=10.0)
+        self.camera = pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=0.05, zfar=10.0)
         self._renderer = pyrender.OffscreenRenderer(_SIZE, _SIZE)
         self._ray_length = np.linalg.norm(obman.pixel_rays(_SIZE, _SIZE), axis=-1).astype(np.float32)
 
     def close(self) -> None:
         self._renderer.delete()
 
-    def _scene(self, meshes: list[trimesh.Trimesh], light: tuple[np.ndarray, float] | None = None) -> tuple:
-        pr = self._pyrender
-        scene = pr.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[0.35, 0.35, 0.35])
-        scene.add(self._camera, pose=np.eye(4))
-        if light is not None:
-            direction, intensity = light
-            scene.add(pr.DirectionalLight(color=np.ones(3), intensity=intensity), pose=direction)
-        nodes = [scene.add(pr.Mesh.from_trimesh(m, smooth=False)) for m in meshes]
-        return scene, nodes
-
     def radial(self, planar: np.ndarray) -> np.ndarray:
         """Planar z (0 = nothing) to ray distance (NaN = nothing)."""
         return np.where(planar > 0, planar * self._ray_length, np.float32(np.nan)).astype(np.float32)
 
-    def colour(self, meshes: list[trimesh.Trimesh], light: tuple[np.ndarray, float]) -> np.ndarray:
-        """Shaded, anti-aliased RGBA render (alpha 0 where nothing was drawn)."""
-        scene, _ = self._scene(meshes, light)
-        rgba, _ = self._renderer.render(scene, flags=self._pyrender.RenderFlags.RGBA)
+    def colour(self, scene: Any) -> np.ndarray:
+        """Shaded, anti-aliased RGBA render of the visible meshes (alpha 0 where nothing was drawn)."""
+        rgba, _ = self._renderer.render(scene, flags=self.pyrender.RenderFlags.RGBA)
         return rgba
 
-    def labels(self, meshes: list[trimesh.Trimesh], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Exact label image (no anti-aliasing, 0 = nothing) and planar depth of labelled meshes."""
-        scene, nodes = self._scene(meshes)
-        seg = {node: (label, label, label) for node, label in zip(nodes, labels, strict=True)}
-        image, depth = self._renderer.render(scene, flags=self._pyrender.RenderFlags.SEG, seg_node_map=seg)
+    def labels(self, scene: Any, labels: dict[Any, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Exact label image (no anti-aliasing, 0 = nothing) and planar depth of the labelled nodes only."""
+        seg = {node: (label, label, label) for node, label in labels.items()}
+        image, depth = self._renderer.render(scene, flags=self.pyrender.RenderFlags.SEG, seg_node_map=seg)
         return image[:, :, 0].copy(), depth
+
+
+class FrameScene:
+    """One frame's scene: the object posed by ``affine_transform``, the hand by a movable pose.
+
+    Meshes are uploaded once per frame and shared by every pass.
+    """
+
+    def __init__(
+        self,
+        renderer: SceneRenderer,
+        model: trimesh.Trimesh,
+        affine: np.ndarray,
+        hand: shapes.Hand,
+        light: tuple[np.ndarray, float],
+    ) -> None:
+        pr = renderer.pyrender
+        self.renderer = renderer
+        self.scene = pr.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[0.35, 0.35, 0.35])
+        self.scene.add(renderer.camera, pose=np.eye(4))
+        light_pose, intensity = light
+        self.scene.add(pr.DirectionalLight(color=np.ones(3), intensity=intensity), pose=light_pose)
+        self.object = self.scene.add(
+            pr.Mesh.from_trimesh(model, smooth=False), pose=affine.astype(np.float64)
+        )
+        self.hand = {
+            self.scene.add(pr.Mesh.from_trimesh(mesh, smooth=False)): label
+            for label, mesh in hand.meshes_by_label().items()
+        }
+
+    def pose_hand(self, pose: np.ndarray) -> None:
+        for node in self.hand:
+            self.scene.set_pose(node, pose)
+
+    def object_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.renderer.labels(self.scene, {self.object: obman.OBJECT_LABEL})
+
+    def hand_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.renderer.labels(self.scene, self.hand)
+
+    def colour(self, with_hand: bool) -> np.ndarray:
+        for node in self.hand:
+            node.mesh.is_visible = with_hand
+        return self.renderer.colour(self.scene)
 
 
 _RENDERER: SceneRenderer | None = None
@@ -385,29 +418,26 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
     synset = SYNSET_BY_CLASS[class_name]
 
     affine = object_pose(class_name, rng)
-    placed = model.copy()
-    placed.apply_transform(affine.astype(np.float64))
-    light = _light(rng)
-
-    object_labels, object_planar = renderer.labels([placed], [obman.OBJECT_LABEL])
+    hand = shapes.hand_occluder(rng)
+    frame = FrameScene(renderer, model, affine, hand, _light(rng))
+    object_labels, object_planar = frame.object_labels()
     object_mask = object_labels > 0
     if not object_mask.any():
         return Frame(attempt, class_name, 0.0)
 
     # Hand in front of the object, first on the ray through its centre, then slid sideways until it
     # covers about the wanted share of the object.
-    hand = shapes.hand_occluder(rng)
-    front_z = placed.vertices[:, 2].max()
+    front_z = trimesh.transform_points(model.vertices, affine)[:, 2].max()
     depth = -front_z - rng.uniform(0.015, 0.06)
     centre_ray = affine[:3, 3] / -affine[2, 3]
     hand_pose = _hand_pose(rng, centre_ray * depth)
-    reference = hand.transformed(hand_pose)
-    ref_labels, _ = renderer.labels([p.mesh for p in reference.parts], [p.label for p in reference.parts])
+    frame.pose_hand(hand_pose)
+    reference_labels, _ = frame.hand_labels()
     target = rng.uniform(cfg.min_visibility - 0.05, 1.0)
-    du, dv = occluding_shift(object_mask, ref_labels > 0, 1.0 - target, rng.uniform(0, 2 * np.pi))
+    du, dv = occluding_shift(object_mask, reference_labels > 0, 1.0 - target, rng.uniform(0, 2 * np.pi))
     hand_pose[:3, 3] += np.array([du, -dv, 0.0]) * depth / obman.K[0, 0]
-    hand = hand.transformed(hand_pose)
-    hand_labels, hand_planar = renderer.labels([p.mesh for p in hand.parts], [p.label for p in hand.parts])
+    frame.pose_hand(hand_pose)
+    hand_labels, hand_planar = frame.hand_labels()
 
     object_depth, hand_depth = renderer.radial(object_planar), renderer.radial(hand_planar)
     object_wins = object_mask & ~(hand_depth < object_depth)  # NaN compares False: no hand there
@@ -418,9 +448,8 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
         return Frame(attempt, class_name, visibility)
 
     backdrop = background(rng).astype(np.float32)
-    hand_meshes = [p.mesh for p in hand.parts]
-    rgb = _over(renderer.colour([placed, *hand_meshes], light), backdrop)
-    rgb_obj = _over(renderer.colour([placed], light), backdrop)
+    rgb = _over(frame.colour(with_hand=True), backdrop)
+    rgb_obj = _over(frame.colour(with_hand=False), backdrop)
 
     encoded, ranges = [], {}
     for image, (lo, hi) in zip((scene_depth, hand_depth, object_depth), obman.DEPTH_RANGE_KEYS, strict=True):
@@ -462,14 +491,15 @@ def _meta(
     f32 = np.float32
     articulation = rng.normal(0.0, 0.3, 45).astype(f32)
     global_rot = _axis_angle(hand_pose[:3, :3])
-    wrist = hand.joints[0]
+    joints = trimesh.transform_points(hand.joints, hand_pose)
+    verts = trimesh.transform_points(hand.surface_points(778, rng), hand_pose)
     pose = np.zeros(156, f32)
     pose[111:] = articulation  # 66 body values, 45 left-hand then 45 right-hand PCA values
     return {
         "side": "right",
-        "coords_2d": project(hand.joints).astype(f32),
-        "coords_3d": hand.joints.astype(f32),
-        "verts_3d": hand.surface_points(778, rng).astype(f32),
+        "coords_2d": project(joints).astype(f32),
+        "coords_3d": joints.astype(f32),
+        "verts_3d": verts.astype(f32),
         "hand_pose": np.concatenate([global_rot, articulation]).astype(f32),
         "pca_pose": articulation,
         "mano_pose": articulation.copy(),
@@ -478,7 +508,7 @@ def _meta(
         "pose": pose,
         "shape": np.zeros(10, f32),
         "trans": hand_pose[:3, 3].astype(f32),
-        "z": float(-wrist[2]),
+        "z": float(-joints[0, 2]),
         "affine_transform": affine,
         "obj_path": f"{AUTHORS_SHAPENET}/{synset}/{sample_id}/models/model_normalized.obj",
         "obj_scale": float(np.linalg.norm(affine[:3, 0])),
@@ -582,7 +612,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
     info_path = cfg.out / "synth_info.json"
     content = cfg.content_params()
     digest = params_hash(content)
-    version = code_version(obman, shapes)
+    version = code_version(sys.modules[__name__], obman, shapes)
     report = StageReport("synth")
     if info_path.exists():
         info = json.loads(info_path.read_text())

@@ -110,11 +110,8 @@ def test_hand_surface_points_leave_out_the_forearm():
     assert forearm.bounds[0, 1] < wrist_y - 0.1
 
 
-def test_a_transformed_hand_moves_its_meshes_and_joints_together():
+def test_hand_meshes_by_label_keep_every_face():
     hand = shapes.hand_occluder(np.random.default_rng(3))
-    move = np.eye(4)
-    move[:3, 3] = (0.1, -0.2, -0.5)
-    moved = hand.transformed(move)
-    np.testing.assert_allclose(moved.joints, hand.joints + move[:3, 3])
-    np.testing.assert_allclose(moved.parts[0].mesh.vertices, hand.parts[0].mesh.vertices + move[:3, 3])
-    assert hand.parts[0].mesh.vertices is not moved.parts[0].mesh.vertices
+    by_label = hand.meshes_by_label()
+    assert sorted(by_label) == [shapes.FOREARM_LABEL, shapes.PALM_LABEL, shapes.INDEX_LABEL]
+    assert sum(len(m.faces) for m in by_label.values()) == sum(len(p.mesh.faces) for p in hand.parts)
