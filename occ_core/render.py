@@ -49,7 +49,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from functools import cache
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
@@ -254,6 +253,7 @@ class PyrenderRenderer:
             ) from exc
         self._scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[0.0, 0.0, 0.0])
         self._camera_node = self._scene.add(pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0))
+        self._mesh = self._mesh_node = None  # buffers belong to a context: upload again in a new one
 
     def _show(self, mesh: trimesh.Trimesh) -> None:
         import pyrender
@@ -266,6 +266,20 @@ class PyrenderRenderer:
         self._mesh_extent = ((lo + hi) / 2, float(np.linalg.norm(hi - lo)) / 2)
 
     def render(
+        self, mesh: trimesh.Trimesh, obj_to_cam: np.ndarray, K: np.ndarray, size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from OpenGL.error import Error as GLError
+
+        try:
+            return self._draw(mesh, obj_to_cam, K, size)
+        except GLError:
+            # Any other OffscreenRenderer.delete() in this process calls eglTerminate on the display all
+            # EGL contexts share (pyrender 0.1.45, platforms/egl.py delete_context), which kills ours
+            # too: open a new context, once; a second failure is a real one.
+            self._offscreen = None
+            return self._draw(mesh, obj_to_cam, K, size)
+
+    def _draw(
         self, mesh: trimesh.Trimesh, obj_to_cam: np.ndarray, K: np.ndarray, size: int
     ) -> tuple[np.ndarray, np.ndarray]:
         import pyrender
@@ -406,12 +420,27 @@ def _split(jobs: Sequence[RenderJob], parts: int) -> list[list[RenderJob]]:
     return [list(jobs[i::parts]) for i in range(parts) if jobs[i::parts]]
 
 
-@cache
+_pools: dict[int, ProcessPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
 def _renderer_pool(processes: int) -> ProcessPoolExecutor:
     """Renderer processes kept for the life of this process (one pool per size), since starting one costs
     seconds (imports, GL context, shaders). Spawned, not forked, so no GL state is inherited.
     """
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    with _pools_lock:
+        if processes not in _pools:
+            _pools[processes] = ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn")
+            )
+        return _pools[processes]
+
+
+def stop_renderer_processes() -> None:
+    """Stop the renderer processes that ``render_jobs`` keeps between calls; the next call starts new ones."""
+    with _pools_lock:
+        while _pools:
+            _pools.popitem()[1].shutdown(wait=True)
 
 
 def render_jobs(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> StageReport:
@@ -448,7 +477,7 @@ def render_jobs(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> 
                 pool = _renderer_pool(cfg.processes)
                 reports = list(pool.map(_render_chunk, chunks, repeat(cfg), repeat(out_dir)))
             except BrokenProcessPool as exc:
-                _renderer_pool.cache_clear()
+                stop_renderer_processes()
                 raise StageError(
                     f"a renderer process died (GL driver crash or out of memory): {exc}"
                 ) from exc

@@ -240,3 +240,13 @@ def test_cli_renders_a_jobs_file_with_quarantine_and_contact_sheet(tmp_path, cub
     assert json.loads(result.output)["ok"] == 1
     assert (out_dir / "contact_sheet.png").exists()
     assert json.loads((out_dir / "quarantine.jsonl").read_text())["sample_id"] == "00000002"
+
+
+def test_renderer_survives_another_renderer_being_deleted():
+    renderer = get_renderer("pyrender")
+    before, _ = renderer.render(coloured_cube(), cube_pose(), intrinsics(SIZE), SIZE)
+    import pyrender  # after the first render, which chose the GL platform
+
+    pyrender.OffscreenRenderer(SIZE, SIZE).delete()  # calls eglTerminate on the shared display
+    after, _ = renderer.render(coloured_cube(), cube_pose(), intrinsics(SIZE), SIZE)
+    np.testing.assert_array_equal(after, before)
