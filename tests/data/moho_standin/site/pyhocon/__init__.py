@@ -1,0 +1,1 @@
+"""Stub of pyhocon: importable, empty (the MOHO stand-in environment needs only the import)."""
