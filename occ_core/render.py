@@ -223,7 +223,8 @@ class Renderer(Protocol):
 
 
 class PyrenderRenderer:
-    """pyrender offscreen (EGL or OSMesa), flat vertex colours, one GL context reused for every call.
+    """pyrender offscreen (EGL or OSMesa), flat vertex colours (texture colours sampled at the vertices),
+    no back-face culling, one GL context reused for every call.
 
     The mesh's GPU buffers are kept while the same Trimesh object is rendered again, so the views of one
     mesh cost one upload. A context belongs to the thread that made it: use one instance per thread.
@@ -260,7 +261,16 @@ class PyrenderRenderer:
 
         if self._mesh_node is not None:
             self._scene.remove_node(self._mesh_node)  # pyrender frees its buffers on the next render
-        self._mesh_node = self._scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=True))
+        visual = mesh.visual.to_color() if mesh.visual.kind == "texture" else mesh.visual
+        # Flat shading needs no normals, so build the primitive directly: Mesh.from_trimesh computes them
+        # (5 ms on an 8k-face mesh, as long as rendering it) and refuses face colours with shared vertices.
+        primitive = pyrender.Primitive(
+            positions=mesh.vertices,
+            indices=mesh.faces,
+            color_0=visual.vertex_colors,
+            mode=pyrender.constants.GLTF.TRIANGLES,
+        )
+        self._mesh_node = self._scene.add(pyrender.Mesh([primitive]))
         lo, hi = mesh.bounds
         self._mesh = mesh
         self._mesh_extent = ((lo + hi) / 2, float(np.linalg.norm(hi - lo)) / 2)
@@ -298,7 +308,9 @@ class PyrenderRenderer:
         camera.znear = max((distance - radius) * 0.5, distance * 1e-3, 1e-4)
         camera.zfar = (distance + radius) * 2.0
         self._scene.set_pose(self._camera_node, np.linalg.inv(obj_to_cam) @ CV_TO_GL)
-        rgb, depth = self._offscreen.render(self._scene, flags=pyrender.RenderFlags.FLAT)
+        # Both faces of every triangle: reconstructions may be open (front-only) or inconsistently wound.
+        flags = pyrender.RenderFlags.FLAT | pyrender.RenderFlags.SKIP_CULL_FACES
+        rgb, depth = self._offscreen.render(self._scene, flags=flags)
         return rgb, depth
 
 

@@ -250,3 +250,25 @@ def test_renderer_survives_another_renderer_being_deleted():
     pyrender.OffscreenRenderer(SIZE, SIZE).delete()  # calls eglTerminate on the shared display
     after, _ = renderer.render(coloured_cube(), cube_pose(), intrinsics(SIZE), SIZE)
     np.testing.assert_array_equal(after, before)
+
+
+def test_an_open_surface_shows_from_behind():
+    # A reconstruction from one depth map is front-only; the orbit views behind it must still show it.
+    square = trimesh.Trimesh(
+        vertices=[[-0.05, -0.05, 0], [0.05, -0.05, 0], [0.05, 0.05, 0], [-0.05, 0.05, 0]],
+        faces=[[0, 1, 2], [0, 2, 3]],
+        vertex_colors=np.tile([*CUBE_RGB, 255], (4, 1)),
+    )
+    facing, behind = np.eye(4), np.diag([-1.0, 1.0, -1.0, 1.0])  # behind: turned half a turn about y
+    for pose in (facing, behind):
+        pose[2, 3] = 0.5
+        rgb, _ = get_renderer("pyrender").render(square, pose, intrinsics(SIZE), SIZE)
+        assert rgb.any(axis=2).sum() > 0.1 * SIZE * SIZE
+
+
+def test_face_colours_render():
+    cube = trimesh.creation.box(extents=[CUBE_SIDE] * 3)
+    cube.visual.face_colors = np.tile([*CUBE_RGB, 255], (len(cube.faces), 1)).astype(np.uint8)
+    rgb, _ = get_renderer("pyrender").render(cube, cube_pose(), intrinsics(SIZE), SIZE)
+    inside = rgb[binary_erosion(projected_mask(cube, cube_pose(), SIZE), iterations=2)]
+    np.testing.assert_allclose(inside, np.broadcast_to(CUBE_RGB, inside.shape), atol=1)
