@@ -378,7 +378,8 @@ def hand_occluder(rng: np.random.Generator) -> Hand:
     """A random crude right hand in its own frame (metres, palm centre at the origin).
 
     Palm and thumb, middle, ring and pinky are labelled 22 (right hand), the index finger 24, the
-    forearm 20. Each finger curls towards -Z by its own random angle.
+    forearm 20. Each finger curls towards -Z by its own random angle; the forearm leaves the wrist
+    along -Y and recedes towards -Z (away from a camera that the palm faces).
     """
     size = rng.uniform(0.9, 1.2)
     skin = _skin_colour(rng)
@@ -408,7 +409,7 @@ def hand_occluder(rng: np.random.Generator) -> Hand:
         finger(np.array([x * palm_w, palm_l * 0.45, 0.0]), direction, length * size, label)
     wrist = joints[0]
     forearm = _capsule(
-        wrist + np.array([0, 0.01, 0]), np.array([0.0, -1.0, rng.uniform(0.0, 0.5)]), 0.3, 0.028 * size
+        wrist + np.array([0, 0.01, 0]), np.array([0.0, -1.0, -rng.uniform(0.2, 0.8)]), 0.3, 0.028 * size
     )
     parts.append(HandPart(_solid(forearm, skin), FOREARM_LABEL))
     return Hand(tuple(parts), np.asarray(joints))

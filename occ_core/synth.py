@@ -318,10 +318,16 @@ class SceneRenderer:
         """Planar z (0 = nothing) to ray distance (NaN = nothing)."""
         return np.where(planar > 0, planar * self._ray_length, np.float32(np.nan)).astype(np.float32)
 
-    def colour(self, scene: Any) -> np.ndarray:
-        """Shaded, anti-aliased RGBA render of the visible meshes (alpha 0 where nothing was drawn)."""
-        rgba, _ = self._renderer.render(scene, flags=self.pyrender.RenderFlags.RGBA)
-        return rgba
+    def colour(self, scene: Any, coverage: np.ndarray) -> np.ndarray:
+        """Shaded RGBA render of the visible meshes, alpha 0 where nothing was drawn.
+
+        With EGL the edges are anti-aliased. OSMesa renders to a window buffer that pyrender reads
+        without alpha: there the alpha is ``coverage`` (the meshes' label mask), so edges are hard.
+        """
+        colour, _ = self._renderer.render(scene, flags=self.pyrender.RenderFlags.RGBA)
+        if colour.shape[2] == 4:
+            return colour
+        return np.concatenate([colour, np.where(coverage, 255, 0).astype(np.uint8)[..., None]], axis=2)
 
     def labels(self, scene: Any, labels: dict[Any, int]) -> tuple[np.ndarray, np.ndarray]:
         """Exact label image (no anti-aliasing, 0 = nothing) and planar depth of the labelled nodes only."""
@@ -368,10 +374,10 @@ class FrameScene:
     def hand_labels(self) -> tuple[np.ndarray, np.ndarray]:
         return self.renderer.labels(self.scene, self.hand)
 
-    def colour(self, with_hand: bool) -> np.ndarray:
+    def colour(self, with_hand: bool, coverage: np.ndarray) -> np.ndarray:
         for node in self.hand:
             node.mesh.is_visible = with_hand
-        return self.renderer.colour(self.scene)
+        return self.renderer.colour(self.scene, coverage)
 
 
 _RENDERER: SceneRenderer | None = None
@@ -388,9 +394,13 @@ def _light(rng: np.random.Generator) -> tuple[np.ndarray, float]:
     return pose, float(rng.uniform(2.0, 4.5))
 
 
-def _hand_pose(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
-    """Palm towards the camera (+Z), any in-plane turn, a moderate tilt; palm centre at ``centre``."""
-    pose = trimesh.transformations.rotation_matrix(rng.uniform(-np.pi, np.pi), [0, 0, 1])
+def _hand_pose(rng: np.random.Generator, centre: np.ndarray, slide_angle: float) -> np.ndarray:
+    """Palm towards the camera (+Z), a moderate tilt, palm centre at ``centre``; turned in the image
+    so that the fingers point back along the slide (towards the object) and the forearm away."""
+    # The hand's +Y (fingers) in image terms is (-sin roll, -cos roll) with v down; the slide moves the
+    # hand along (cos a, sin a), so roll = pi/2 - a points the fingers back towards the object.
+    roll = np.pi / 2 - slide_angle + rng.normal(0.0, 0.4)
+    pose = trimesh.transformations.rotation_matrix(roll, [0, 0, 1])
     pose = pose @ trimesh.transformations.rotation_matrix(rng.uniform(-0.5, 0.5), [1, 0, 0])
     pose = pose @ trimesh.transformations.rotation_matrix(rng.uniform(-0.5, 0.5), [0, 1, 0])
     pose[:3, 3] = centre
@@ -430,11 +440,12 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
     front_z = trimesh.transform_points(model.vertices, affine)[:, 2].max()
     depth = -front_z - rng.uniform(0.015, 0.06)
     centre_ray = affine[:3, 3] / -affine[2, 3]
-    hand_pose = _hand_pose(rng, centre_ray * depth)
+    slide_angle = rng.uniform(0, 2 * np.pi)
+    hand_pose = _hand_pose(rng, centre_ray * depth, slide_angle)
     frame.pose_hand(hand_pose)
     reference_labels, _ = frame.hand_labels()
     target = rng.uniform(cfg.min_visibility - 0.05, 1.0)
-    du, dv = occluding_shift(object_mask, reference_labels > 0, 1.0 - target, rng.uniform(0, 2 * np.pi))
+    du, dv = occluding_shift(object_mask, reference_labels > 0, 1.0 - target, slide_angle)
     hand_pose[:3, 3] += np.array([du, -dv, 0.0]) * depth / obman.K[0, 0]
     frame.pose_hand(hand_pose)
     hand_labels, hand_planar = frame.hand_labels()
@@ -448,8 +459,8 @@ def render_attempt(cfg: SynthConfig, attempt: Attempt, renderer: SceneRenderer |
         return Frame(attempt, class_name, visibility)
 
     backdrop = background(rng).astype(np.float32)
-    rgb = _over(frame.colour(with_hand=True), backdrop)
-    rgb_obj = _over(frame.colour(with_hand=False), backdrop)
+    rgb = _over(frame.colour(with_hand=True, coverage=scene_labels > 0), backdrop)
+    rgb_obj = _over(frame.colour(with_hand=False, coverage=object_mask), backdrop)
 
     encoded, ranges = [], {}
     for image, (lo, hi) in zip((scene_depth, hand_depth, object_depth), obman.DEPTH_RANGE_KEYS, strict=True):
