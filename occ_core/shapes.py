@@ -18,6 +18,7 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import click
@@ -359,13 +360,24 @@ class Hand:
         return np.einsum("ij,ijk->ik", barycentric, triangles)
 
 
+@lru_cache(maxsize=1)
+def _unit_sphere() -> trimesh.Trimesh:
+    return trimesh.creation.icosphere(subdivisions=2)
+
+
 def _capsule(start: np.ndarray, direction: np.ndarray, length: float, radius: float) -> trimesh.Trimesh:
-    """A capsule whose axis runs from ``start`` for ``length`` along ``direction``."""
-    mesh = trimesh.creation.capsule(height=max(length - 2 * radius, 1e-3), radius=radius, count=[12, 12])
-    align = trimesh.geometry.align_vectors([0, 0, 1], direction)
-    mesh.apply_transform(align)
-    mesh.apply_translation(start + direction * length / 2)
-    return mesh
+    """A capsule whose axis runs from ``start`` for ``length`` along ``direction``.
+
+    A sphere of ``radius`` whose upper and lower halves are pulled apart along Z (faces crossing the
+    equator become the cylinder), then turned onto ``direction``: closed, and far cheaper to build
+    than a revolved profile.
+    """
+    sphere = _unit_sphere()
+    vertices = sphere.vertices * radius
+    vertices[:, 2] += np.where(sphere.vertices[:, 2] >= 0, 1.0, -1.0) * max(length / 2 - radius, 0.0)
+    matrix = trimesh.geometry.align_vectors([0, 0, 1], direction)
+    matrix[:3, 3] = start + direction * length / 2
+    return trimesh.Trimesh(trimesh.transform_points(vertices, matrix), sphere.faces.copy(), process=False)
 
 
 def _skin_colour(rng: np.random.Generator) -> np.ndarray:
