@@ -22,9 +22,11 @@ A sample table (one row per image: ``id``, ``image``, ``cls``, ``unclear``) is t
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,14 @@ import click
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 from pydantic import BaseModel, ConfigDict, Field
 
 from occ_core.classes import QA_CLASSES, answer_for
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import write_json_atomic, write_jsonl_atomic, write_parquet_atomic
-from occ_core.jsonl import dumps, iter_jsonl, write_lines_atomic
+from occ_core.jsonl import dumps, iter_jsonl, join_pieces, json_strings, write_lines_atomic
 from occ_core.stage import StageReport, Timer
 
 # Exact strings of the method (docs/method-spec.md section 1). "orignal" is the upstream spelling.
@@ -163,13 +167,11 @@ def chat_messages(prompts: Prompts, turns: str, cls: str | None, unclear: bool |
 # --- reading sources ---------------------------------------------------------------------------------
 
 
-def empty_table() -> pd.DataFrame:
-    """A sample table with no rows and the right dtypes."""
-    return sample_table([], [], [], [])
+def sample_table(ids: Any, images: Any, classes: Any, unclear: Any) -> pd.DataFrame:
+    """One row per image: ``id``, ``image`` (file name under the image root), ``cls``, ``unclear``.
 
-
-def sample_table(ids: list[str], images: list[str], classes: list[str], unclear: list[bool | None]) -> pd.DataFrame:
-    """One row per image: ``id``, ``image`` (file name under the image root), ``cls``, ``unclear``."""
+    Each argument is a list or an array (Arrow or pandas) of equal length; ``unclear`` may hold None.
+    """
     return pd.DataFrame(
         {"id": pd.array(ids, dtype="string"), "image": pd.array(images, dtype="string"),
          "cls": pd.array(classes, dtype="string"), "unclear": pd.array(unclear, dtype="boolean")}
@@ -212,7 +214,9 @@ def read_rows(
     """Read Q1-format rows (SFT2 rows too) into a sample table; bad rows are quarantined, never fatal.
 
     A row keeps its clarity label when its turns 3-4 are Q6 and ``Yes.``/``No.``; only its first
-    question-answer pair is used otherwise, as upstream did.
+    question-answer pair is used otherwise, as upstream did. A well-formed file is parsed by Arrow
+    and checked column-wise; rows a column check doubts, and files with a malformed or blank line,
+    go through the line-by-line reader, so every fault names its line either way.
 
     Args:
         path: JSONL of ``{id, image, conversations}`` rows.
@@ -223,29 +227,122 @@ def read_rows(
         malformed JSON (with its line number), bad fields, unknown class, duplicate id, missing image.
     """
     path, prompts = Path(path), prompts or Prompts()
-    report = StageReport("cot-source")
-    first_line: dict[str, int] = {}
-    ids, images, classes, labels = [], [], [], []
+    parsed = _parse_whole_file(path)
+    if parsed is None:
+        samples, faults = _read_line_by_line(path, prompts)
+    else:
+        samples, faults = _check_parsed(parsed, path, prompts)
+    return _drop_duplicates_and_missing(samples, faults, path, image_root)
+
+
+SOURCE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.string()),
+    ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+])
+_SAMPLE_FRAME = ("line", "id", "image", "cls", "unclear")
+Fault = tuple[int, str | None, str, str]  # line, sample id, file, reason
+
+
+def _samples_frame(records: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(records, columns=list(_SAMPLE_FRAME))
+
+
+def _parse_whole_file(path: Path) -> pa.Table | None:
+    # Arrow parses the whole file in C++ but cannot name a malformed line and skips blank lines:
+    # any doubt sends the file to the line-by-line reader.
+    data = path.read_bytes()
+    try:
+        table = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(
+            explicit_schema=SOURCE_SCHEMA, unexpected_field_behavior="ignore"))
+    except pa.ArrowException:
+        return None
+    lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    return table if table.num_rows == lines else None
+
+
+def _read_line_by_line(path: Path, prompts: Prompts) -> tuple[pd.DataFrame, list[Fault]]:
+    records, faults = [], []
     for number, row in iter_jsonl(path):
         try:
             if isinstance(row, BadSample):
                 raise row
-            sample_id, image, cls, unclear = _parse_row(row, path, number, prompts)
-            if sample_id in first_line:
-                raise BadSample(path, f"line {number}: duplicate id {sample_id!r} (first on line "
-                                      f"{first_line[sample_id]})", sample_id)
-            if image_root is not None and not (image_root / image).is_file():
-                raise BadSample(image_root / image, f"line {number}: missing image", sample_id)
+            records.append((number, *_parse_row(row, path, number, prompts)))
         except BadSample as bad:
-            report.quarantine(bad.sample_id or f"line {number}", bad.path, bad.reason)
-            continue
-        first_line[sample_id] = number
-        ids.append(sample_id)
-        images.append(image)
-        classes.append(cls)
-        labels.append(unclear)
-    report.ok = len(ids)
-    return sample_table(ids, images, classes, labels), report
+            faults.append((number, bad.sample_id, bad.path, bad.reason))
+    return _samples_frame(records), faults
+
+
+def _turn_field(conv: pa.ListArray, lengths: np.ndarray, k: int, field: str) -> pa.Array:
+    """Field ``from``/``value`` of turn ``k`` of every row; null where the row has no such turn."""
+    present = lengths > k
+    if not present.any():
+        return pa.nulls(len(lengths), pa.string())
+    picked = pc.struct_field(conv.values, field).take(pa.array(np.where(present, conv.offsets.to_numpy()[:-1] + k, 0)))
+    return pc.if_else(pa.array(present), picked, pa.scalar(None, pa.string()))
+
+
+def _check_parsed(table: pa.Table, path: Path, prompts: Prompts) -> tuple[pd.DataFrame, list[Fault]]:
+    # Column checks accept the rows that are certainly well formed; the rest are judged by _parse_row,
+    # the one place that words the reasons.
+    conv = table.column("conversations").combine_chunks()
+    ids, images = table.column("id").combine_chunks(), table.column("image").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(conv), 0).to_numpy(zero_copy_only=False)
+    null_values = np.r_[0, np.cumsum(pc.is_null(pc.struct_field(conv.values, "value")).to_numpy(zero_copy_only=False))]
+    offsets = conv.offsets.to_numpy()
+    cls = pc.struct_field(pc.extract_regex(_turn_field(conv, lengths, 1, "value"), f"^{ANSWER_PATTERN.pattern}$"),
+                          "cls")
+    asks_clarity = (lengths >= 4) & _true(pc.equal(_turn_field(conv, lengths, 2, "value"), prompts.q6))
+    answer = _turn_field(conv, lengths, 3, "value")
+    fine = (
+        _true(pc.greater(pc.utf8_length(ids), 0)) & _true(pc.greater(pc.utf8_length(images), 0))
+        & (lengths >= 2) & (null_values[offsets[1:]] == null_values[offsets[:-1]])
+        & _true(pc.equal(_turn_field(conv, lengths, 0, "from"), "human"))
+        & _true(pc.equal(_turn_field(conv, lengths, 1, "from"), "gpt"))
+        & _true(pc.is_in(cls, value_set=pa.array(QA_CLASSES)))
+        & (~asks_clarity | _true(pc.is_in(answer, value_set=pa.array([YES, NO]))))
+    )
+    unclear = np.where(asks_clarity, _true(pc.equal(answer, NO)), None)
+    samples = pd.DataFrame({"line": np.flatnonzero(fine) + 1, "id": pd.array(ids.filter(fine), dtype="string"),
+                            "image": pd.array(images.filter(fine), dtype="string"),
+                            "cls": pd.array(cls.filter(fine), dtype="string"), "unclear": unclear[fine]})
+    records, faults = [], []
+    for index in np.flatnonzero(~fine):
+        try:
+            records.append((index + 1, *_parse_row(table.slice(index, 1).to_pylist()[0], path, index + 1, prompts)))
+        except BadSample as bad:
+            faults.append((index + 1, bad.sample_id, bad.path, bad.reason))
+    if records:
+        samples = pd.concat([samples, _samples_frame(records)]).sort_values("line", ignore_index=True)
+    return samples, faults
+
+
+def _true(mask: pa.Array) -> np.ndarray:
+    """A boolean Arrow mask as numpy, null counting as False."""
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+
+def _drop_duplicates_and_missing(
+    samples: pd.DataFrame, faults: list[Fault], path: Path, image_root: Path | None
+) -> tuple[pd.DataFrame, StageReport]:
+    duplicate = samples["id"].duplicated(keep="first").to_numpy()
+    if duplicate.any():
+        first_line = dict(zip(samples["id"][~duplicate], samples["line"][~duplicate], strict=True))
+        for line, sample_id in samples.loc[duplicate, ["line", "id"]].itertuples(index=False):
+            faults.append((line, sample_id, str(path),
+                           f"line {line}: duplicate id {sample_id!r} (first on line {first_line[sample_id]})"))
+        samples = samples[~duplicate]
+    if image_root is not None:
+        present = np.array([(image_root / name).is_file() for name in samples["image"]], dtype=bool)
+        for line, sample_id, image in samples.loc[~present, ["line", "id", "image"]].itertuples(index=False):
+            faults.append((line, sample_id, str(image_root / image), f"line {line}: missing image"))
+        samples = samples[present]
+    report = StageReport("cot-source")
+    for line, sample_id, where, reason in sorted(faults, key=lambda fault: fault[0]):
+        report.quarantine(sample_id or f"line {line}", where, reason)
+    report.ok = len(samples)
+    return sample_table(samples["id"].array, samples["image"].array, samples["cls"].array,
+                        samples["unclear"].to_numpy(dtype=object)), report
 
 
 def read_unclear_ids(path: Path | str) -> set[str]:
@@ -280,7 +377,8 @@ def ids_from_list(items: Any, path: Path | str) -> set[str]:
 
 def label_unclear(table: pd.DataFrame, unclear_ids: set[str]) -> pd.DataFrame:
     """The table with ``unclear`` = id is in ``unclear_ids`` (the method's rule, method-spec 2.2)."""
-    return table.assign(unclear=pd.array(table["id"].isin(unclear_ids).to_numpy(), dtype="boolean"))
+    listed = pc.is_in(pa.array(table["id"], pa.string()), value_set=pa.array(sorted(unclear_ids), pa.string()))
+    return table.assign(unclear=pd.array(listed.to_numpy(zero_copy_only=False), dtype="boolean"))
 
 
 def drop_unlabelled(table: pd.DataFrame, report: StageReport, source: Path | str) -> pd.DataFrame:
@@ -328,13 +426,6 @@ def view3d_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
     return table.assign(image=renders, turns="q1").reset_index(drop=True)
 
 
-def _template_key(turns: str, cls: str, unclear: Any) -> tuple:
-    # A row's conversation depends only on these; Q0 rows and Q1 rows ignore some of them.
-    if turns == "q0":
-        return (turns, None, None)
-    return (turns, cls, bool(unclear) if turns == "q1q6" else None)
-
-
 def check_conversation(turns: list[dict[str, str]], prompts: Prompts) -> None:
     """Schema of one ``conversations`` list: alternating human/gpt, one image token in the first turn only.
 
@@ -364,39 +455,55 @@ def check_rows(rows: pd.DataFrame) -> None:
     duplicated = rows["id"][rows["id"].duplicated()]
     if len(duplicated):
         raise StageError(f"duplicate ids in rows: {list(duplicated[:5])}")
-    unknown = set(rows["cls"]) - set(QA_CLASSES)
+    unknown = set(rows["cls"].unique()) - set(QA_CLASSES)
     if unknown:
         raise StageError(f"unknown classes in rows: {sorted(unknown)}")
-    if "turns" in rows and not set(rows["turns"]) <= set(TURNS):
-        raise StageError(f"unknown turns in rows: {sorted(set(rows['turns']) - set(TURNS))}")
+    if "turns" in rows and not set(rows["turns"].unique()) <= set(TURNS):
+        raise StageError(f"unknown turns in rows: {sorted(set(rows['turns'].unique()) - set(TURNS))}")
 
 
-def encode_rows(rows: pd.DataFrame, prompts: Prompts) -> Iterator[str]:
-    """JSONL lines ``{"id", "image", "conversations"}`` byte-identical to ``jsonl.dumps`` of each row."""
-    encoded: dict[tuple, str] = {}
-    for sample_id, image, turns, cls, unclear in zip(
-        rows["id"].tolist(), rows["image"].tolist(), rows["turns"].tolist(), rows["cls"].tolist(),
-        rows["unclear"].tolist(), strict=True,
-    ):
-        key = _template_key(turns, cls, unclear)
-        if key not in encoded:
-            turns_list = conversation(prompts, *key)
-            check_conversation(turns_list, prompts)
-            encoded[key] = dumps(turns_list)
-        yield f'{{"id": {dumps(sample_id)}, "image": {dumps(image)}, "conversations": {encoded[key]}}}'
+def template_codes(rows: pd.DataFrame) -> tuple[list[tuple[str, str | None, bool | None]], np.ndarray]:
+    """The distinct conversations of a row table as (turns, class, label) keys, and each row's key index.
+
+    A row's conversation depends on these three only, and Q0 rows share one; so a 150k-row table has
+    at most 8 x 2 + 8 + 1 distinct conversations to build and serialise.
+    """
+    turns = _index_in(rows["turns"], TURNS)
+    cls = np.where(turns == TURNS.index("q0"), 0, _index_in(rows["cls"], QA_CLASSES))
+    label = (turns == TURNS.index("q1q6")) & rows["unclear"].fillna(False).to_numpy(dtype=bool)
+    codes, positions = np.unique((turns * len(QA_CLASSES) + cls) * 2 + label, return_inverse=True)
+    keys = []
+    for code in codes.tolist():
+        turn, cls_index, unclear = TURNS[code // (2 * len(QA_CLASSES))], (code // 2) % len(QA_CLASSES), code % 2
+        keys.append((turn, None if turn == "q0" else QA_CLASSES[cls_index], bool(unclear) if turn == "q1q6" else None))
+    return keys, positions
+
+
+def _index_in(values: pd.Series, choices: tuple[str, ...]) -> np.ndarray:
+    found = pc.index_in(pa.array(values, pa.string()), value_set=pa.array(choices, pa.string()))
+    if found.null_count:
+        raise StageError(f"values outside {choices}: {sorted(set(values[np.asarray(found.is_null())]))[:5]}")
+    return found.to_numpy(zero_copy_only=False)
+
+
+def encode_rows(rows: pd.DataFrame, prompts: Prompts) -> list[str]:
+    """JSONL lines ``{"id", "image", "conversations"}``, byte-identical to ``jsonl.dumps`` of each row."""
+    keys, codes = template_codes(rows)
+    conversations = []
+    for key in keys:
+        turns = conversation(prompts, *key)
+        check_conversation(turns, prompts)
+        conversations.append(dumps(turns))
+    return join_pieces(['{"id": ', json_strings(rows["id"]), ', "image": ', json_strings(rows["image"]),
+                        ', "conversations": ', pa.array(conversations, pa.string()).take(pa.array(codes)), "}"])
 
 
 def image_paths(images: pd.Series, image_root: Path | None) -> pa.Array:
     """A trl ``images`` column: one-element lists of image paths (under ``image_root`` when given)."""
-    paths = images.tolist() if image_root is None else [str(image_root / name) for name in images.tolist()]
-    return pa.ListArray.from_arrays(pa.array(np.arange(len(paths) + 1, dtype=np.int32)), pa.array(paths, pa.string()))
-
-
-def take_templates(keys: list[tuple], make: Any) -> tuple[list[tuple], np.ndarray]:
-    """Distinct template keys and, per row, the index of its key (rows share a handful of templates)."""
-    index: dict[tuple, int] = {}
-    positions = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
-    return [make(*k) for k in index], positions
+    paths = pa.array(images, pa.string())
+    if image_root is not None:
+        paths = pc.binary_join_element_wise(f"{image_root}{os.sep}", paths, "")
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(paths) + 1, dtype=np.int32)), paths)
 
 
 def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> pa.Table:
@@ -404,15 +511,14 @@ def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> 
 
     The prompt holds every turn before the last answer, so an SFT2 row is [Q1, answer, Q6] -> [Yes./No.].
     """
-    keys = [_template_key(*k) for k in zip(rows["turns"].tolist(), rows["cls"].tolist(), rows["unclear"].tolist(),
-                                           strict=True)]
-    templates, positions = take_templates(keys, lambda *k: chat_messages(prompts, *k))
-    take = pa.array(positions)
+    keys, codes = template_codes(rows)
+    messages = [chat_messages(prompts, *key) for key in keys]
+    take = pa.array(codes)
     return pa.table({
-        "id": pa.array(rows["id"].tolist(), pa.string()),
+        "id": pa.array(rows["id"], pa.string()),
         "images": image_paths(rows["image"], image_root),
-        "prompt": pa.array([t[0] for t in templates], MESSAGES).take(take),
-        "completion": pa.array([t[1] for t in templates], MESSAGES).take(take),
+        "prompt": pa.array([m[0] for m in messages], MESSAGES).take(take),
+        "completion": pa.array([m[1] for m in messages], MESSAGES).take(take),
     })
 
 
@@ -427,7 +533,7 @@ def meta_path(jsonl_path: Path) -> Path:
     return jsonl_path.with_name(jsonl_path.stem + ".meta.json")
 
 
-def write_dataset(out: Path, lines: Iterator[str], table: pa.Table, image_root: Path | None) -> int:
+def write_dataset(out: Path, lines: Iterable[str], table: pa.Table, image_root: Path | None) -> int:
     """Write one dataset: ``out`` (JSONL), ``out`` with ``.parquet`` (trl) and ``.meta.json`` (InternVL)."""
     out = Path(out)
     count = write_lines_atomic(out, lines)

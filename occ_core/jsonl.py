@@ -13,6 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from occ_core.errors import BadSample
 from occ_core.fsio import atomic_path
 
@@ -20,6 +23,23 @@ from occ_core.fsio import atomic_path
 def dumps(obj: Any) -> str:
     """One JSON value in the upstream form: default separators, UTF-8 text not escaped."""
     return json.dumps(obj, ensure_ascii=False)
+
+
+def json_strings(values: Any) -> pa.Array:
+    """JSON string literals of a string column, exactly as ``dumps`` writes each value.
+
+    Strings without a quote, backslash or control character are only wrapped in quotes, column-wise;
+    a column holding any of those is encoded value by value.
+    """
+    strings = pa.array(values).cast(pa.string())
+    if pc.any(pc.match_substring_regex(strings, r'["\\\x00-\x1f]')).as_py():
+        return pa.array([dumps(s) for s in strings.to_pylist()], pa.string())
+    return pc.binary_join_element_wise('"', strings, '"', "")
+
+
+def join_pieces(pieces: list[Any]) -> list[str]:
+    """Rows made by concatenating, per row, literal strings and equal-length string columns."""
+    return pc.binary_join_element_wise(*pieces, "").to_pylist()
 
 
 def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | BadSample]]:
@@ -51,10 +71,9 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | BadSamp
 
 def write_lines_atomic(path: Path | str, lines: Iterable[str]) -> int:
     """Write already-encoded JSON lines, each followed by a newline, atomically; return the line count."""
-    count = 0
+    lines = lines if isinstance(lines, list) else list(lines)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        for line in lines:
-            fh.write(line)
+        if lines:
+            fh.write("\n".join(lines))
             fh.write("\n")
-            count += 1
-    return count
+    return len(lines)

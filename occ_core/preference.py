@@ -19,7 +19,6 @@ has one), so a rare class cannot vanish by chance.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from occ_core.cot import (
     write_sidecar_quarantine,
 )
 from occ_core.errors import StageError
-from occ_core.jsonl import dumps
+from occ_core.jsonl import dumps, join_pieces, json_strings
 from occ_core.stage import StageReport, Timer
 
 _BALANCE_STREAM = 0xBA1  # separates the balancing draw from other seeded draws on the same seed
@@ -133,15 +132,13 @@ def _pair_answers(unclear: bool) -> tuple[str, str]:
     return (NO, YES) if unclear else (YES, NO)
 
 
-def encode_pairs(table: pd.DataFrame, prompts: Prompts) -> Iterator[str]:
+def encode_pairs(table: pd.DataFrame, prompts: Prompts) -> list[str]:
     """JSONL pair lines ``{"image", "question", "chosen", "rejected"}``, byte-identical to ``jsonl.dumps``."""
     question = dumps(prompts.pair_question())
-    tails = {}
-    for unclear in (False, True):
-        chosen, rejected = _pair_answers(unclear)
-        tails[unclear] = f', "question": {question}, "chosen": {dumps(chosen)}, "rejected": {dumps(rejected)}}}'
-    for image, unclear in zip(table["image"].tolist(), table["unclear"].tolist(), strict=True):
-        yield f'{{"image": {dumps(image)}{tails[bool(unclear)]}'
+    tails = [f', "question": {question}, "chosen": {dumps(chosen)}, "rejected": {dumps(rejected)}}}'
+             for chosen, rejected in (_pair_answers(False), _pair_answers(True))]
+    labels = pa.array(table["unclear"].to_numpy(dtype=bool).astype(np.int64))
+    return join_pieces(['{"image": ', json_strings(table["image"]), pa.array(tails).take(labels)])
 
 
 def pairs_trl_table(table: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> pa.Table:
@@ -151,7 +148,7 @@ def pairs_trl_table(table: pd.DataFrame, prompts: Prompts, image_root: Path | No
     answers = [[{"role": "assistant", "content": a}] for a in (YES, NO)]
     by_label = pa.array(unclear.astype(np.int64))
     return pa.table({
-        "id": pa.array(table["id"].tolist(), pa.string()),
+        "id": pa.array(table["id"], pa.string()),
         "images": image_paths(table["image"], image_root),
         "prompt": pa.array([prompt], MESSAGES).take(pa.array(np.zeros(len(table), dtype=np.int64))),
         "chosen": pa.array(answers, MESSAGES).take(by_label),

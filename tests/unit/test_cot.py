@@ -99,6 +99,59 @@ def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path, line, reason):
     assert report.failed == 1 and reason in report.quarantined[0].reason
 
 
+def test_column_checks_and_the_line_reader_judge_every_row_alike(tmp_path):
+    q6 = Prompts().q6
+    rows = [
+        json.loads(q1_line("00000001", "jar")),
+        {"id": "", "image": "x.jpg", "conversations": []},
+        {"id": "00000003", "image": "3.jpg"},
+        {
+            "id": "00000004",
+            "image": "4.jpg",
+            "conversations": [
+                {"from": "gpt", "value": "The object is jar."},
+                {"from": "human", "value": "x"},
+            ],
+        },
+        json.loads(q1_line("00000005", "jar").replace("jar.", "remote control.")),
+        json.loads(q1_line("00000001", "can")),
+        {**json.loads(q1_line("00000007", "bowl")), "extra": 1},
+        json.loads(q1_line("00000008", "can"))
+        | {
+            "conversations": json.loads(q1_line("8", "can"))["conversations"]
+            + [{"from": "human", "value": q6}, {"from": "gpt", "value": "No."}]
+        },
+        json.loads(q1_line("00000009", "can"))
+        | {
+            "conversations": json.loads(q1_line("9", "can"))["conversations"]
+            + [{"from": "human", "value": q6}, {"from": "gpt", "value": "Maybe"}]
+        },
+        json.loads(q1_line("00000010", "knife"))
+        | {
+            "conversations": [
+                {"from": "human", "value": None},
+                {"from": "gpt", "value": "The object is jar."},
+            ]
+        },
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(dumps(r) + "\n" for r in rows))
+    prompts = Prompts()
+    parsed = cot._parse_whole_file(path)
+    assert parsed is not None
+    by_columns, by_lines = cot._check_parsed(parsed, path, prompts), cot._read_line_by_line(path, prompts)
+    assert by_columns[0].to_dict("list") == by_lines[0].to_dict("list")
+    assert by_columns[1] == by_lines[1]
+    assert by_lines[0]["id"].tolist() == ["00000001", "00000001", "00000007", "00000008"]
+
+
+def test_a_blank_line_sends_the_file_to_the_line_reader(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(q1_line("00000001", "jar") + "\n\n" + q1_line("00000002", "jar") + "\n")
+    assert cot._parse_whole_file(path) is None
+    assert cot.read_rows(path)[0]["id"].tolist() == ["00000001", "00000002"]
+
+
 def test_rows_whose_image_is_missing_are_quarantined(q1_file, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "00000000.jpg").write_bytes(b"jpeg")

@@ -110,8 +110,15 @@ def test_unbalanced_pairs_from_sft2_rows_are_the_upstream_dpo_file(files):
 
 def test_text_outside_ascii_is_written_as_utf8_not_escaped():
     table = cot.sample_table(["é1"], ["é1.jpg"], ["jar"], [None])
-    line = next(cot.encode_rows(cot.build_rows(table, "sft1"), cot.Prompts()))
+    line = cot.encode_rows(cot.build_rows(table, "sft1"), cot.Prompts())[0]
     assert '"id": "é1"' in line and json.loads(line)["image"] == "é1.jpg"
+
+
+@pytest.mark.parametrize("name", ['a"b.jpg', "a\\b.jpg", "a\tb.jpg", "a\x01b.jpg"])
+def test_strings_json_must_escape_are_escaped_as_json_dumps_does(name):
+    table = cot.sample_table(["1"], [name], ["jar"], [None])
+    line = cot.encode_rows(cot.build_rows(table, "sft1"), cot.Prompts())[0]
+    assert line.startswith('{"id": "1", "image": ' + json.dumps(name, ensure_ascii=False) + ", ")
 
 
 def test_meta_json_is_an_internvl_dataset_entry(files):
