@@ -564,7 +564,7 @@ def attempt_runner(cfg: SynthConfig, processes: int) -> Iterator[Runner]:
         yield lambda attempts: list(pool.map(_render_job, [(cfg, a) for a in attempts]))
 
 
-def _generate_split(cfg: SynthConfig, split: str, run: Runner, batch: int, report: StageReport) -> dict:
+def _generate_split(cfg: SynthConfig, split: str, run: Runner, processes: int, report: StageReport) -> dict:
     """Attempt frames in order until ``cfg.n`` are kept; write the kept ones. Returns split statistics."""
     split_dir = cfg.out / split
     ids = frame_ids(cfg, split)
@@ -578,7 +578,10 @@ def _generate_split(cfg: SynthConfig, split: str, run: Runner, batch: int, repor
                 f"synth {split}: only {len(visibility)} of {cfg.n} frames reached visibility "
                 f"{cfg.min_visibility} in {attempts} attempts"
             )
-        wanted = min(batch, max_attempts - attempts)
+        # About what is still missing (plus a margin for drops), at least one attempt per process,
+        # at most a few per process so that results stream to disk.
+        missing = cfg.n - len(visibility)
+        wanted = min(max(processes, missing + missing // 8), 4 * processes, max_attempts - attempts)
         jobs = [Attempt(split, attempts + i, next(ids)) for i in range(wanted)]
         for frame in run(jobs):
             if len(visibility) == cfg.n:
@@ -651,7 +654,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
     write_json_atomic(info_path, info)
     with Timer() as timer, attempt_runner(cfg, processes) as run:
         for split in cfg.splits:
-            info["splits"][split] = _generate_split(cfg, split, run, max(4, 4 * processes), report)
+            info["splits"][split] = _generate_split(cfg, split, run, processes, report)
     info["complete"] = True
     info["seconds"] = round(timer.seconds, 2)
     write_json_atomic(info_path, info)
@@ -682,8 +685,16 @@ def _help(name: str) -> str:
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help=_help("out"))
-@click.option("--n", type=int, default=8, show_default=True, help=_help("n"))
-@click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
+@click.option(
+    "--n", type=int, default=SynthConfig.model_fields["n"].default, show_default=True, help=_help("n")
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=SynthConfig.model_fields["seed"].default,
+    show_default=True,
+    help=_help("seed"),
+)
 @click.option("--splits", default=",".join(obman.SPLITS), show_default=True, help="comma-separated splits")
 @click.option("--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES or CPUs)")
 @click.option("--class-weights", default=None, help="e.g. jar=2720,bottle=2390 (default: the 10K priors)")
