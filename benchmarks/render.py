@@ -191,7 +191,8 @@ def main() -> None:
 
     split = measure_split(jobs[:8], 256, args.views)  # also opens the first context, setting the platform
     platform_name = os.environ.get("PYOPENGL_PLATFORM")
-    emit(f"host: {platform.node()}, {os.cpu_count()} CPUs, PYOPENGL_PLATFORM={platform_name}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    emit(f"host: {platform.node()}, {os.cpu_count()} CPUs (load {load}), PYOPENGL_PLATFORM={platform_name}")
     emit(
         f"work: {len(jobs)} meshes x {1 + args.views} views = {len(jobs) * (1 + args.views)} PNGs per run, "
         f"{min(faces)}-{max(faces)} faces (mean {np.mean(faces):.0f})"
@@ -222,6 +223,7 @@ def main() -> None:
                     f"| {warm / peer:.2f}x | {cold / peer:.2f}x |"
                 )
     stop_renderer_processes()
+    emit(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n".join(lines) + "\n")

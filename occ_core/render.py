@@ -617,15 +617,18 @@ def cli(
 ) -> None:
     """Render view 0 and orbit views of every job in JOBS into OUT, then print the stage summary."""
     chosen = {"processes": processes} if processes is not None else {}
-    cfg = RenderConfig(
-        size=size,
-        views=views,
-        elevations_deg=tuple(float(e) for e in elevations.split(",")),
-        backend=backend,
-        encode_threads=encode_threads,
-        png_level=png_level,
-        **chosen,
-    )
+    try:
+        cfg = RenderConfig(
+            size=size,
+            views=views,
+            elevations_deg=tuple(float(e) for e in elevations.split(",")),
+            backend=backend,
+            encode_threads=encode_threads,
+            png_level=png_level,
+            **chosen,
+        )
+    except ValueError as exc:  # also pydantic.ValidationError
+        raise click.UsageError(str(exc)) from exc
     jobs = read_jobs(jobs_path)
     report = render_jobs(jobs, cfg, out_dir)
     report.write_quarantine(out_dir)
