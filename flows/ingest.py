@@ -28,7 +28,7 @@ def ingest_flow(config: SyncConfig) -> dict[str, Any]:
     plan = plan_ingest(config)
     shards = plan.shards(config.shard_size)
     rows = sync_shard.map(shards, range(len(shards)), unmapped(config))
-    summary = finish_ingest(config, plan, rows)
+    summary = finish_ingest(config, plan.started, rows)
     print(f"ingest {config.source} -> {summary['dest']}: {summary['ok']} downloaded, {summary['skipped']} skipped, "
           f"{summary['failed']} failed in {summary['seconds']} s")
     return summary

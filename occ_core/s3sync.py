@@ -366,7 +366,7 @@ def _write_rows(path: Path, rows: Iterable[ManifestRow]) -> Path:
 
     # Rows go through Arrow's JSON reader: building arrays from Python lists makes pyarrow import
     # pandas (~0.5 s), which would dominate a no-op re-sync.
-    lines = "".join(json.dumps(dataclasses.asdict(row)) + "\n" for row in rows).encode()
+    lines = "".join(json.dumps(vars(row)) + "\n" for row in rows).encode()
     schema = _manifest_schema()
     if lines:
         options = pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, len(lines) + 1))
@@ -809,7 +809,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     "-q", "--quiet", is_flag=True, help="no progress bar (there is none when stderr is not a terminal)"
 )
 def cli(source: str, dest: Path, quiet: bool, **options: Any) -> None:
-    """Mirror SOURCE = s3://BUCKET/PREFIX: PREFIX/{split}/... into DEST/{split}/....
+    """Mirror s3://BUCKET/PREFIX/{split}/... (SOURCE is s3://BUCKET/PREFIX) into DEST/{split}/...
 
     Exits 1 when any object failed or was rejected, 130 when interrupted (re-run to resume).
     """

@@ -52,9 +52,12 @@ def sync_shard(shard: list[PlannedObject], index: int, cfg: SyncConfig) -> list[
 
 
 @task(name="finish-ingest", cache_policy=NO_CACHE)
-def finish_ingest(cfg: SyncConfig, plan: SyncPlan, shard_rows: list[list[ManifestRow]]) -> dict[str, Any]:
-    """Write the manifest, publish the summary (and any failed keys) as table artifacts."""
-    report = s3sync.finish_sync(cfg, [row for rows in shard_rows for row in rows], plan.started)
+def finish_ingest(cfg: SyncConfig, started: float, shard_rows: list[list[ManifestRow]]) -> dict[str, Any]:
+    """Write the manifest, publish the summary (and any failed keys) as table artifacts.
+
+    ``started`` is when planning began (``SyncPlan.started``), for the run's duration and throughput.
+    """
+    report = s3sync.finish_sync(cfg, [row for rows in shard_rows for row in rows], started)
     summary = report.summary() | {"source": cfg.source, "dest": str(cfg.dest)}
     create_table_artifact(key="ingest-summary", table=[summary], description=f"ingest {cfg.source}")
     if report.quarantined:
