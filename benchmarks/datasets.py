@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import tempfile
@@ -181,7 +182,7 @@ def main() -> None:
                  [("sft1", peer_sft1), ("sft2", peer_sft2), ("cot", peer_cot), ("sc", peer_sc)]]
         cases += [("pairs (balanced)", ours_pairs, peer_pairs, sft2), ("parquet export", ours_parquet, peer_parquet, sft2)]
         print(f"{args.rows} Q1 rows, {len(QA_CLASSES)} classes; {platform.processor() or platform.machine()}, "
-              f"best of {args.repeats}")
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
         print(f"{'builder':<18}{'rows out':>10}{'ours rows/s':>14}{'peer rows/s':>14}{'ratio':>8}  same bytes")
         for name, ours, peer, input_path in cases:
             suffix = ".parquet" if name == "parquet export" else ".jsonl"

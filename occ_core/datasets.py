@@ -296,7 +296,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     for row in summary["unclear_by_class"]:
         rates = ", ".join(f"{k.removesuffix('_unclear_rate')} {v:.1%}" for k, v in row.items()
                           if k.endswith("_unclear_rate") and v is not None)
-        lines.append(f"  {row['class']:<10} {row['samples']:>7} samples; unclear: {rates}")
+        lines.append(f"  {row['class']:<10} {row['samples']:>7} samples; unclear: {rates or '-'}")
     total = summary["balance"][-1]
     lines.append(f"balance: yes/no {total['yes_before']}/{total['no_before']} -> {total['yes_after']}/{total['no_after']}")
     return lines
