@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import click
 
@@ -26,6 +27,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Prefect reads its settings when first imported, so these go into the environment before a stage
+# module loads it. A user's own values win. The temporary API server needs more than Prefect's default
+# 20 s to migrate a fresh database on a busy 2-core machine; telemetry only adds a database-lock warning.
+PREFECT_DEFAULTS: dict[str, str] = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
 class LazyGroup(click.Group):
     """A click group whose sub-commands are imported on first use."""
 
@@ -36,6 +46,8 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr, _ = COMMANDS[name]
+        for key, value in PREFECT_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
