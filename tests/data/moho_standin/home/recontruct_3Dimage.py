@@ -93,6 +93,11 @@ def main():
                   "cwd": os.getcwd(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
         fh.write(json.dumps(record) + "\n")
 
+    if os.environ.get("MOHO_STANDIN_HANG"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (exp / "child.pid").write_text(str(child.pid))
+        time.sleep(600)
+
     inner_iter = conf["dataset.inner_iter"]
     assert conf["train.train_inner_iter"] <= inner_iter, "train_inner_iter > inner_iter"
     if not (exp / "ckpt_SOMVideo_pre.pth").is_file():
@@ -110,11 +115,6 @@ def main():
     missing = [scene for scene in scenes if scene not in hand_cache["index"]]
     if missing:
         sys.exit(f"hand cache has no entry for {missing}")
-
-    if os.environ.get("MOHO_STANDIN_HANG"):
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        (exp / "child.pid").write_text(str(child.pid))
-        time.sleep(600)
 
     if args.mode == "test_image":
         with open("cache/obman_view_test_all.txt") as fh:
