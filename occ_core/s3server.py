@@ -106,7 +106,7 @@ class S3Server:
                     os.environ[name] = value
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server process (kill it if it does not stop within ``timeout`` seconds)."""
+        """Terminate the server process (kill it if it does not stop within ``timeout`` seconds), drop its log."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -116,6 +116,7 @@ class S3Server:
                 self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self
@@ -134,13 +135,13 @@ def _read_endpoint(process: subprocess.Popen, log_path: Path, deadline: float) -
         selector.register(process.stdout, selectors.EVENT_READ)
         if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
             raise RuntimeError(
-                f"moto server printed no endpoint in time; log {log_path}:\n{_log_tail(log_path)}"
+                f"moto server printed no endpoint in time; its log ends:\n{_log_tail(log_path)}"
             )
     line = process.stdout.readline()
     match = _ENDPOINT_PATTERN.search(line)
     if not match:
         raise RuntimeError(
-            f"moto server did not start ({line.strip()!r}); log {log_path}:\n{_log_tail(log_path)}"
+            f"moto server did not start ({line.strip()!r}); its log ends:\n{_log_tail(log_path)}"
         )
     return match.group(0)
 

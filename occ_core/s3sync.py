@@ -473,13 +473,12 @@ def plan_sync(cfg: SyncConfig, client: Any) -> SyncPlan:
             local_path, reason = relative_path_for(key, cfg.prefix), None
         except BadSample as bad:
             local_path, reason = None, bad.reason
-        modified = item["LastModified"]
         objects.append(
             PlannedObject(
                 key=key,
                 size=item["Size"],
                 etag=item["ETag"].strip('"'),
-                last_modified=modified.isoformat() if isinstance(modified, datetime) else str(modified),
+                last_modified=item["LastModified"].isoformat(),
                 local_path=local_path,
                 reject_reason=reason,
                 known=known.get(key),
@@ -497,6 +496,16 @@ def _hash_file(path: str) -> tuple[str, str]:
     return md5.hexdigest(), sha256.hexdigest()
 
 
+def _vouched_by_manifest(obj: PlannedObject) -> bool:
+    """The manifest recorded this very object (size, ETag, place) as in place."""
+    known = obj.known
+    return (
+        known is not None
+        and known.status in _PRESENT
+        and (known.size, known.etag, known.local_path) == (obj.size, obj.etag, obj.local_path)
+    )
+
+
 def settled_row(obj: PlannedObject, root: Path, verify: bool, now: str) -> ManifestRow | None:
     """The row of an object that needs no transfer (rejected, or already in place), else None."""
     if obj.local_path is None:
@@ -509,28 +518,19 @@ def settled_row(obj: PlannedObject, root: Path, verify: bool, now: str) -> Manif
             return None
     except OSError:
         return None
-    known = obj.known
-    skipped = ManifestRow(
-        obj.key, obj.size, obj.etag, None, obj.local_path, SKIPPED, None, obj.last_modified, now
-    )
-    if (
-        known
-        and known.status in _PRESENT
-        and (known.size, known.etag, known.local_path)
-        == (
-            obj.size,
-            obj.etag,
-            obj.local_path,
-        )
-    ):
-        if verify and _hash_file(path)[1] != known.sha256:
+    if _vouched_by_manifest(obj):
+        sha256 = obj.known.sha256
+        if verify and _hash_file(path)[1] != sha256:
             return None
-        return dataclasses.replace(skipped, sha256=known.sha256)
-    if _PLAIN_MD5.match(obj.etag):
+    elif _PLAIN_MD5.match(obj.etag):
         md5, sha256 = _hash_file(path)
-        if md5 == obj.etag:
-            return dataclasses.replace(skipped, sha256=sha256)
-    return None
+        if md5 != obj.etag:
+            return None
+    else:
+        return None
+    return ManifestRow(
+        obj.key, obj.size, obj.etag, sha256, obj.local_path, SKIPPED, None, obj.last_modified, now
+    )
 
 
 def _check(key: str, got_size: int, want_size: int, md5: str, etag: str, encrypted: bool) -> None:
