@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from occ_core.classes import QA_CLASSES, answer_for
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import write_json_atomic, write_jsonl_atomic, write_parquet_atomic
-from occ_core.jsonl import dumps, iter_jsonl, join_pieces, json_strings, write_lines_atomic
+from occ_core.jsonl import dumps, iter_jsonl, join_pieces, json_strings, string_array, write_lines_atomic
 from occ_core.stage import StageReport, Timer
 
 # Exact strings of the method (docs/method-spec.md section 1). "orignal" is the upstream spelling.
@@ -377,7 +377,7 @@ def ids_from_list(items: Any, path: Path | str) -> set[str]:
 
 def label_unclear(table: pd.DataFrame, unclear_ids: set[str]) -> pd.DataFrame:
     """The table with ``unclear`` = id is in ``unclear_ids`` (the method's rule, method-spec 2.2)."""
-    listed = pc.is_in(pa.array(table["id"], pa.string()), value_set=pa.array(sorted(unclear_ids), pa.string()))
+    listed = pc.is_in(string_array(table["id"]), value_set=pa.array(sorted(unclear_ids), pa.string()))
     return table.assign(unclear=pd.array(listed.to_numpy(zero_copy_only=False), dtype="boolean"))
 
 
@@ -480,7 +480,7 @@ def template_codes(rows: pd.DataFrame) -> tuple[list[tuple[str, str | None, bool
 
 
 def _index_in(values: pd.Series, choices: tuple[str, ...]) -> np.ndarray:
-    found = pc.index_in(pa.array(values, pa.string()), value_set=pa.array(choices, pa.string()))
+    found = pc.index_in(string_array(values), value_set=pa.array(choices, pa.string()))
     if found.null_count:
         raise StageError(f"values outside {choices}: {sorted(set(values[np.asarray(found.is_null())]))[:5]}")
     return found.to_numpy(zero_copy_only=False)
@@ -500,7 +500,7 @@ def encode_rows(rows: pd.DataFrame, prompts: Prompts) -> list[str]:
 
 def image_paths(images: pd.Series, image_root: Path | None) -> pa.Array:
     """A trl ``images`` column: one-element lists of image paths (under ``image_root`` when given)."""
-    paths = pa.array(images, pa.string())
+    paths = string_array(images)
     if image_root is not None:
         paths = pc.binary_join_element_wise(f"{image_root}{os.sep}", paths, "")
     return pa.ListArray.from_arrays(pa.array(np.arange(len(paths) + 1, dtype=np.int32)), paths)
@@ -515,7 +515,7 @@ def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> 
     messages = [chat_messages(prompts, *key) for key in keys]
     take = pa.array(codes)
     return pa.table({
-        "id": pa.array(rows["id"], pa.string()),
+        "id": string_array(rows["id"]),
         "images": image_paths(rows["image"], image_root),
         "prompt": pa.array([m[0] for m in messages], MESSAGES).take(take),
         "completion": pa.array([m[1] for m in messages], MESSAGES).take(take),

@@ -25,13 +25,21 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def string_array(values: Any) -> pa.Array:
+    """A string column (list, pandas or Arrow, in one chunk or several) as one Arrow string array."""
+    array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return array.cast(pa.string())
+
+
 def json_strings(values: Any) -> pa.Array:
     """JSON string literals of a string column, exactly as ``dumps`` writes each value.
 
     Strings without a quote, backslash or control character are only wrapped in quotes, column-wise;
     a column holding any of those is encoded value by value.
     """
-    strings = pa.array(values).cast(pa.string())
+    strings = string_array(values)
     if pc.any(pc.match_substring_regex(strings, r'["\\\x00-\x1f]')).as_py():
         return pa.array([dumps(s) for s in strings.to_pylist()], pa.string())
     return pc.binary_join_element_wise('"', strings, '"', "")

@@ -43,7 +43,7 @@ from occ_core.cot import (
     write_sidecar_quarantine,
 )
 from occ_core.errors import StageError
-from occ_core.jsonl import dumps, join_pieces, json_strings
+from occ_core.jsonl import dumps, join_pieces, json_strings, string_array
 from occ_core.stage import StageReport, Timer
 
 _BALANCE_STREAM = 0xBA1  # separates the balancing draw from other seeded draws on the same seed
@@ -148,7 +148,7 @@ def pairs_trl_table(table: pd.DataFrame, prompts: Prompts, image_root: Path | No
     answers = [[{"role": "assistant", "content": a}] for a in (YES, NO)]
     by_label = pa.array(unclear.astype(np.int64))
     return pa.table({
-        "id": pa.array(table["id"], pa.string()),
+        "id": string_array(table["id"]),
         "images": image_paths(table["image"], image_root),
         "prompt": pa.array([prompt], MESSAGES).take(pa.array(np.zeros(len(table), dtype=np.int64))),
         "chosen": pa.array(answers, MESSAGES).take(by_label),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -200,6 +201,14 @@ def test_encoded_rows_are_the_json_of_each_row():
                                                                                        r.unclear)})
                 for r in rows.itertuples()]
     assert list(cot.encode_rows(rows, prompts)) == expected
+
+
+def test_tables_joined_from_shards_encode_like_one_table(tmp_path):
+    whole = table_of(6)
+    joined = pd.concat([whole.iloc[:3], whole.iloc[3:]], ignore_index=True)
+    rows, joined_rows = cot.build_rows(whole, "sft2"), cot.build_rows(joined, "sft2")
+    assert cot.encode_rows(joined_rows, Prompts()) == cot.encode_rows(rows, Prompts())
+    assert cot.trl_table(joined_rows, Prompts(), tmp_path) == cot.trl_table(rows, Prompts(), tmp_path)
 
 
 def test_trl_rows_put_the_last_answer_in_the_completion(tmp_path):
