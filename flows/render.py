@@ -29,9 +29,13 @@ __all__ = ["RenderParams", "render_flow"]
 def render_flow(params: RenderParams) -> dict[str, Any]:
     """Plan the shards, reconstruct and render each, then summarise (table + contact sheet artifacts)."""
     plan = plan_render(params)
-    rerender = render_shard.with_options(refresh_cache=True)  # outputs gone: do not trust the cache
+    # MOHO runs on a GPU: a concurrency limit on the "gpu" tag keeps shards from sharing one.
+    shard_task = (
+        render_shard.with_options(tags={"cpu", "render", "gpu"}) if params.backend == "moho" else render_shard
+    )
+    rerender = shard_task.with_options(refresh_cache=True)  # outputs gone: do not trust the cache
     reports = [
-        (render_shard if shard.index in plan.done else rerender).submit(shard, params, plan.views_dir)
+        (shard_task if shard.index in plan.done else rerender).submit(shard, params, plan.views_dir)
         for shard in plan.shards
     ]
     summary = summarize_render(reports, plan, params)

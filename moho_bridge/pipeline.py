@@ -12,8 +12,9 @@ render and only the orbit views come from its mesh.
 
 Without ``--out`` both write under ``stage_dir(stage, key)``; the key hashes the content of every input
 file (rgb, segm, depth, meta), the backend and its output-relevant options, the render settings and the
-code version. Same inputs, same directory, nothing to do; any change, a sibling directory. Oracle meshes
-(ShapeNet files) are not hashed: they are treated as fixed.
+code version. Same inputs, same directory, nothing to do; any change, a sibling directory (for render,
+a changed sample anywhere in the split moves the whole run there, and its shards render again). Oracle
+meshes (ShapeNet files) are not hashed: they are treated as fixed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from occ_core.errors import StageError
 from occ_core.fsio import sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from occ_core.obman import SampleRef, list_samples
 from occ_core.render import RenderConfig, RenderJob, contact_sheet, render_jobs, view_filename
-from occ_core.stage import StageReport, Timer, code_version, stage_dir, stage_key
+from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
 
 Backend = Literal["depth", "oracle", "moho"]
 INPUT_KINDS = ("rgb", "segm", "depth", "meta")
@@ -62,6 +63,9 @@ class MohoOptions(BaseModel):
     gpu: str = Field("0", description="CUDA_VISIBLE_DEVICES for MOHO runs, e.g. '0' or '0,1'")
     device: Literal["cuda", "cpu"] = Field("cuda", description="torch device MOHO runs on")
     timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit of each MOHO step, in seconds")
+    torch_home: Path | None = Field(
+        None, description="TORCH_HOME with MOHO's ImageNet resnet34 weights (None: inherit the environment)"
+    )
 
 
 class ReconstructParams(BaseModel):
@@ -152,41 +156,50 @@ def render_key(digests: Sequence[str], params: RenderParams) -> str:
     return stage_key(digests, settings, pipeline_code_version())
 
 
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_path", pa.string()),
+        ("backend", pa.string()),
+        ("obj_to_cam", pa.list_(pa.float64(), 16)),
+        ("mesh_path", pa.string()),
+        ("mesh_sha256", pa.string()),
+        ("view0_path", pa.string()),
+        ("params_hash", pa.string()),
+        ("code_version", pa.string()),
+        ("provenance", pa.string()),
+    ]
+)
+
+
 def write_manifest(
-    results: Sequence[ReconResult], backend: str, provenance: dict[str, Any], path: Path
+    results: Sequence[ReconResult], params: ReconstructParams, provenance: dict[str, Any], path: Path
 ) -> Path:
-    """One Parquet row per sample: id, status, error, backend, obj_to_cam, mesh path and sha256, provenance."""
-    prov = json.dumps(provenance, sort_keys=True)
+    """One Parquet row per sample (MANIFEST_SCHEMA): status and error, pose, mesh and its sha256,
+    the backend with its settings hash, the code version and the backend's provenance (JSON)."""
+    common = {
+        "backend": params.backend,
+        "params_hash": params_hash(params.output_params()),
+        "code_version": pipeline_code_version(),
+        "provenance": json.dumps(provenance, sort_keys=True),
+    }
     rows = [
         {
             "id": r.sample_id,
             "status": "ok" if r.ok else "failed",
             "error": r.error,
             "error_path": r.error_path,
-            "backend": backend,
             "obj_to_cam": list(r.obj_to_cam) if r.obj_to_cam is not None else None,
             "mesh_path": str(r.mesh_path) if r.mesh_path else None,
             "mesh_sha256": sha256_file(r.mesh_path) if r.ok and r.mesh_path else None,
             "view0_path": str(r.view0_path) if r.view0_path else None,
-            "provenance": prov,
+            **common,
         }
         for r in results
     ]
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("error_path", pa.string()),
-            ("backend", pa.string()),
-            ("obj_to_cam", pa.list_(pa.float64(), 16)),
-            ("mesh_path", pa.string()),
-            ("mesh_sha256", pa.string()),
-            ("view0_path", pa.string()),
-            ("provenance", pa.string()),
-        ]
-    )
-    return write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=schema))
+    return write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
 
 
 def reconstruct(
@@ -215,7 +228,7 @@ def reconstruct(
     report = StageReport("reconstruct")
     with Timer() as timer:
         results = reconstructor.reconstruct(samples, out_dir)
-        write_manifest(results, params.backend, reconstructor.provenance(), out_dir / manifest_name)
+        write_manifest(results, params, reconstructor.provenance(), out_dir / manifest_name)
     for result in results:
         if result.ok:
             report.ok += 1
