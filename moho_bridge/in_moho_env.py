@@ -35,7 +35,7 @@ def run_runner(runner: Path, argv: list[str]) -> None:
     """Run MOHO's runner script as ``python runner argv...`` would, with the GPU choice pinned."""
     os.environ.__class__ = _PinnedEnviron
     sys.argv = [str(runner), *argv]
-    sys.path[0] = str(runner.parent)
+    sys.path.insert(0, str(runner.parent))
     runpy.run_path(str(runner), run_name="__main__")
 
 
@@ -70,6 +70,9 @@ def build_hand_cache(data_dir: Path, out: Path) -> int:
 
 
 def main() -> None:
+    # Python put this file's folder (moho_bridge) first on the path: it must not shadow MOHO's modules.
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prep", help="write the hand cache pickle")
