@@ -16,6 +16,7 @@ from occ_core import datasets, obman
 from occ_core.datasets import DatasetsConfig
 from occ_core.occlusion import GraderConfig
 from occ_core.render import view_filename
+from tests.fixtures.prefect_runs import task_states
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +29,6 @@ def train_copy(tmp_path, tiny_obman):
     shutil.copytree(tiny_obman / "train", tmp_path / "obman" / "train")
     return tmp_path / "obman"
 
-
-def task_states(flow_state) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-        )
-    return {run.name: run.state.name for run in runs}
 
 
 def test_flow_writes_every_dataset_and_rebuilds_from_cached_scans(prefect_harness, tiny_obman, occ_home):

@@ -14,22 +14,11 @@ import pytest
 
 from moho_bridge.pipeline import RenderParams, plan_render
 from occ_core.config import get_settings
+from tests.fixtures.prefect_runs import task_states
 
 pytestmark = pytest.mark.integration
 
 SHARDS = 3  # tiny_obman's 5 test samples in shards of 2
-
-
-def task_states(flow_state) -> dict[str, str]:
-    """Task run name -> state name of one flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-        )
-    return {run.name: run.state.name for run in runs}
 
 
 def shard_states(flow_state) -> list[str]:
