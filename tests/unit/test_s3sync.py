@@ -325,3 +325,20 @@ def test_summary_counts_rejected_keys_as_failed_and_sums_downloaded_bytes():
 def test_plan_cuts_consecutive_shards_of_at_most_shard_size():
     plan = SyncPlan([planned(key=f"obman/train/{i}") for i in range(5)], started=0.0)
     assert [[obj.key[-1] for obj in shard] for shard in plan.shards(2)] == [["0", "1"], ["2", "3"], ["4"]]
+
+
+def sync_shard_failing_with(error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[ManifestRow]:
+    failed = ManifestRow("obman/train/a", 1, "e", None, "train/a", FAILED, error)
+    monkeypatch.setattr(s3sync, "client_for", lambda cfg: None)
+    monkeypatch.setattr(s3sync, "sync_objects", lambda *args, **kwargs: [failed])
+    return s3sync.sync_shard([], SyncConfig(source="s3://b/obman", dest=tmp_path, workers=1), "shard-00000")
+
+
+def test_shard_with_a_transient_failure_raises_so_prefect_retries_it(tmp_path, monkeypatch):
+    with pytest.raises(IncompleteShard):
+        sync_shard_failing_with("transient ReadTimeoutError: slow", tmp_path, monkeypatch)
+
+
+def test_shard_with_only_permanent_failures_returns_its_rows(tmp_path, monkeypatch):
+    rows = sync_shard_failing_with("permanent NoSuchKey: gone", tmp_path, monkeypatch)
+    assert [row.status for row in rows] == [FAILED]
