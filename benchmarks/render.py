@@ -58,7 +58,7 @@ import trimesh
 from PIL import Image
 
 from occ_core.classes import QA_CLASSES
-from occ_core.config import get_settings
+from occ_core.config import configure_offscreen_gl
 from occ_core.render import (
     CV_TO_GL,
     RenderConfig,
@@ -98,7 +98,7 @@ def peer_loop(jobs: list[RenderJob], size: int, views: int, out_dir: Path) -> fl
 
     Returns views per second, timed from opening the renderer to the last file written.
     """
-    os.environ.setdefault("PYOPENGL_PLATFORM", get_settings().gl_platform)
+    configure_offscreen_gl()
     import pyrender
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,17 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def configure_offscreen_gl(settings: Settings | None = None) -> str:
+    """Prepare the environment for a headless GL context before pyrender is imported; returns the platform.
+
+    ``PYOPENGL_PLATFORM`` comes from ``OCC_GL_PLATFORM`` unless already set. pyglet (imported by
+    pyrender for its viewer) otherwise loads X11 libraries, which GPU hosts without a display lack.
+    """
+    os.environ.setdefault("PYOPENGL_PLATFORM", (settings or get_settings()).gl_platform)
+    os.environ.setdefault("PYGLET_HEADLESS", "1")
+    return os.environ["PYOPENGL_PLATFORM"]
+
+
 def data_root(settings: Settings | None = None) -> Path:
     """The data root (``OCC_HOME``, default ``./.occ``), made absolute."""
     return (settings or get_settings()).home.expanduser().resolve()

@@ -59,7 +59,7 @@ import trimesh
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from occ_core.config import get_settings
+from occ_core.config import configure_offscreen_gl, get_settings
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic
 from occ_core.stage import StageReport, Timer
@@ -241,7 +241,7 @@ class PyrenderRenderer:
         self._mesh_extent: tuple[np.ndarray, float] = (np.zeros(3), 0.0)
 
     def _open(self, size: int) -> None:
-        os.environ.setdefault("PYOPENGL_PLATFORM", get_settings().gl_platform)
+        configure_offscreen_gl()
         try:
             import pyrender
 

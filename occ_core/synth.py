@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import pickle
 import sys
 import zlib
@@ -48,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from occ_core import obman, shapes
 from occ_core.classes import QA_CLASSES, SYNSET_BY_CLASS, class_priors
-from occ_core.config import get_settings
+from occ_core.config import configure_offscreen_gl, get_settings
 from occ_core.errors import StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic, write_json_atomic
 from occ_core.stage import StageReport, Timer, code_version, params_hash
@@ -302,7 +301,7 @@ class SceneRenderer:
     """
 
     def __init__(self) -> None:
-        os.environ.setdefault("PYOPENGL_PLATFORM", get_settings().gl_platform)
+        configure_offscreen_gl()
         import pyrender
 
         self.pyrender = pyrender
@@ -559,7 +558,7 @@ def attempt_runner(cfg: SynthConfig, processes: int) -> Iterator[Runner]:
         finally:
             renderer.close()
         return
-    os.environ.setdefault("PYOPENGL_PLATFORM", get_settings().gl_platform)
+    configure_offscreen_gl()
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         yield lambda attempts: list(pool.map(_render_job, [(cfg, a) for a in attempts]))
 
