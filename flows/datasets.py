@@ -21,11 +21,11 @@ from tasks.datasets import build_datasets, plan_datasets, scan_shard
 
 
 @flow(name="datasets", log_prints=True)
-def datasets_flow(cfg: DatasetsConfig) -> dict[str, Any]:
+def datasets_flow(params: DatasetsConfig) -> dict[str, Any]:
     """Plan, scan the shards, grade and write; returns the statistics the demo prints."""
-    plan = plan_datasets(cfg)
-    scans = [] if plan.done else scan_shard.map(unmapped(plan), range(len(plan.shards)), unmapped(cfg))
-    summary = build_datasets(cfg, plan, scans)
+    plan = plan_datasets(params)
+    scans = [] if plan.done else scan_shard.map(unmapped(plan), range(len(plan.shards)), unmapped(params))
+    summary = build_datasets(params, plan, scans)
     for line in summary_lines(summary):
         print(line)
     return summary

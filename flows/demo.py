@@ -43,33 +43,33 @@ class DemoConfig(BaseModel):
 
 
 @flow(name="occ-demo", log_prints=True)
-def demo_flow(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B008  (frozen: a safe default the UI shows)
+def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B008  (frozen: a safe default the UI shows)
     """synthesize -> serve on S3 -> ingest -> reconstruct + render -> datasets."""
-    source = synthesize(cfg.n, cfg.seed, cfg.splits)
+    source = synthesize(params.n, params.seed, params.splits)
     mirror = stage_dir("ingest", source.name)
     with start_s3_server() as server, server.environment():
-        upload(source, cfg.bucket, cfg.prefix, server.endpoint_url)
+        upload(source, params.bucket, params.prefix, server.endpoint_url)
         ingest = ingest_flow(
             SyncConfig(
-                source=f"s3://{cfg.bucket}/{cfg.prefix}",
+                source=f"s3://{params.bucket}/{params.prefix}",
                 dest=mirror,
-                splits=list(cfg.splits),
+                splits=list(params.splits),
                 include=["shapenet"],
                 endpoint_url=server.endpoint_url,
             )
         )
     renders = {
-        split: render_flow(RenderParams(root=mirror, split=split, backend=cfg.backend, views=cfg.views))
-        for split in cfg.splits
+        split: render_flow(RenderParams(root=mirror, split=split, backend=params.backend, views=params.views))
+        for split in params.splits
     }
     datasets = {
         split: datasets_flow(
-            DatasetsConfig(root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=cfg.seed)
+            DatasetsConfig(root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=params.seed)
         )
-        for split in cfg.splits
+        for split in params.splits
     }
     summary = {"source": str(source), "mirror": str(mirror), "ingest": ingest, "render": renders, "datasets": datasets}
-    print("\n".join(closing_lines(cfg, summary)))
+    print("\n".join(closing_lines(params, summary)))
     return summary
 
 

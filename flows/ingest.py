@@ -23,13 +23,13 @@ from tasks.ingest import finish_ingest, plan_ingest, sync_shard
 
 # Shards share one pool of `workers` transfer threads; a few shards in flight keep it busy.
 @flow(name="ingest", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
-def ingest_flow(config: SyncConfig) -> dict[str, Any]:
+def ingest_flow(params: SyncConfig) -> dict[str, Any]:
     """List and plan, sync every shard, write the manifest; returns the summary row."""
-    plan = plan_ingest(config)
-    shards = plan.shards(config.shard_size)
-    rows = sync_shard.map(shards, range(len(shards)), unmapped(config))
-    summary = finish_ingest(config, plan.started, rows)
-    print(f"ingest {config.source} -> {summary['dest']}: {summary['ok']} downloaded, {summary['skipped']} skipped, "
+    plan = plan_ingest(params)
+    shards = plan.shards(params.shard_size)
+    rows = sync_shard.map(shards, range(len(shards)), unmapped(params))
+    summary = finish_ingest(params, plan.started, rows)
+    print(f"ingest {params.source} -> {summary['dest']}: {summary['ok']} downloaded, {summary['skipped']} skipped, "
           f"{summary['failed']} failed in {summary['seconds']} s")
     return summary
 

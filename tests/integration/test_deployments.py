@@ -123,7 +123,7 @@ def test_deployment_run_from_cli_completes_on_a_process_worker(deployed, tiny_ob
         start_new_session=True,
     )
     try:
-        params = json.dumps({"cfg": {"root": str(tiny_obman), "split": "train"}})
+        params = json.dumps({"params": {"root": str(tiny_obman), "split": "train"}})
         run = _prefect(
             deployed,
             "deployment", "run", "datasets/build", "--params", params, "--watch", "--watch-timeout", "400",
