@@ -43,6 +43,36 @@ LOCAL_ENVIRONMENT: dict[str, str] = {
 _ENDPOINT_PATTERN = re.compile(r"http://\S+:\d+")
 
 
+_ISO_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d")
+
+
+def _fast_timestamps() -> None:
+    """Let moto's response serializer parse its own ISO 8601 timestamps with the stdlib.
+
+    moto 5.2 keeps LastModified as an ISO string and re-parses it with dateutil (via botocore's
+    parse_to_aware_datetime, ~0.25 ms) for every key it lists: about a third of the server's CPU per
+    ListObjectsV2 page. ``datetime.fromisoformat`` gives the same aware datetime; anything else
+    (epoch numbers, RFC 1123, datetimes) still goes to botocore. Drop this once moto serializes
+    datetimes without re-parsing them.
+    """
+    from datetime import UTC, datetime
+
+    import moto.core.serialize
+
+    parse_slowly = moto.core.serialize.parse_to_aware_datetime
+
+    def parse_to_aware_datetime(value: Any) -> datetime:
+        if isinstance(value, str) and _ISO_TIMESTAMP.match(value):
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                return parse_slowly(value)
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return parse_slowly(value)
+
+    moto.core.serialize.parse_to_aware_datetime = parse_to_aware_datetime
+
+
 def _moto_wsgi_server(host: str, port: int) -> Any:
     """moto's S3 application on a threaded werkzeug server, bound and listening (not yet serving)."""
     import moto.backends
@@ -58,6 +88,7 @@ def _moto_wsgi_server(host: str, port: int) -> Any:
     # small GET. The package cannot change while serving, so scan once. Drop this once moto caches it.
     modules = tuple(moto.backends.list_of_moto_modules())
     moto.backends.list_of_moto_modules = lambda: modules
+    _fast_timestamps()
     # One log line per request costs time and floods the log; errors still show.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = DomainDispatcherApplication(create_backend_app)

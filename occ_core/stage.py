@@ -14,11 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from occ_core import __version__
-from occ_core.config import Settings, data_root
 from occ_core.fsio import write_jsonl_atomic
+
+if TYPE_CHECKING:
+    from occ_core.config import Settings
 
 
 def code_version(*modules: ModuleType) -> str:
@@ -60,6 +62,10 @@ def stage_key(inputs: Iterable[str], params: Any, code: str) -> str:
 
 def stage_dir(stage: str, key: str, settings: Settings | None = None) -> Path:
     """``data_root / stage / key``: the only place a stage writes."""
+    # Imported here: pydantic-settings costs ~0.15 s, and commands that only need StageReport
+    # (``occ ingest``, timed against ``aws s3 sync``) never need the settings.
+    from occ_core.config import data_root
+
     return data_root(settings) / stage / key
 
 

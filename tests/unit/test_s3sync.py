@@ -342,3 +342,31 @@ def test_shard_with_a_transient_failure_raises_so_prefect_retries_it(tmp_path, m
 def test_shard_with_only_permanent_failures_returns_its_rows(tmp_path, monkeypatch):
     rows = sync_shard_failing_with("permanent NoSuchKey: gone", tmp_path, monkeypatch)
     assert [row.status for row in rows] == [FAILED]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-11-30T01:16:53.000Z",
+        "2026-11-30T01:16:53Z",
+        "2026-11-30T01:16:53",
+        "2026-11-30T01:16:53.123456+02:00",
+        "Mon, 30 Nov 2026 01:16:53 GMT",
+        1764465413,
+    ],
+)
+def test_embedded_server_timestamps_serialize_as_moto_would(value, monkeypatch):
+    import moto.core.serialize
+    from botocore.utils import parse_to_aware_datetime
+
+    from occ_core.s3server import _fast_timestamps
+
+    # Restored after the test: the patch is meant for the server process only.
+    monkeypatch.setattr(moto.core.serialize, "parse_to_aware_datetime", parse_to_aware_datetime)
+    _fast_timestamps()
+    fast = moto.core.serialize.parse_to_aware_datetime(value)
+    slow = parse_to_aware_datetime(value)
+    serializer = moto.core.serialize.TimestampSerializer("iso8601")
+    for form in ("iso8601", "rfc822", "unixtimestamp"):
+        to_text = getattr(serializer, f"_timestamp_{form}")
+        assert to_text(fast) == to_text(slow)
