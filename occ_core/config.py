@@ -27,10 +27,13 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".occ"), description="data root: every stage writes under HOME/<stage>/<key>")
     workers: int = Field(default_factory=_default_workers, ge=1, description="threads for S3 transfers")
+    # Half the cores: on a CPU host llvmpipe already rasterises on every core (2 cores: one process beat
+    # two, benchmarks/RESULTS.md); on a GPU host the other half encodes PNGs and feeds the driver
+    # (16 cores: 8 processes did as well as 16).
     processes: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
+        default_factory=lambda: max(1, (os.cpu_count() or 1) // 2),
         ge=1,
-        description="worker processes for CPU-bound stages (rendering, PNG encoding)",
+        description="renderer processes for the synthesis and render stages",
     )
     depth_convention: Literal["writer", "reader"] = Field(
         "writer",
