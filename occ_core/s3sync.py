@@ -317,12 +317,62 @@ def client_for(cfg: SyncConfig) -> Any:
     return _client(cfg.endpoint_url, cfg.region, cfg.profile, cfg.no_sign_request, pool)
 
 
+_S3_XML = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def parse_listing_page(xml: bytes) -> dict[str, Any]:
+    """A ListObjectsV2 answer (``EncodingType=url``) as the parts ``list_objects_v2`` would return.
+
+    Only what the engine reads: Contents (Key, Size, ETag, LastModified), IsTruncated,
+    NextContinuationToken.
+    """
+    from urllib.parse import unquote_plus
+    from xml.etree import ElementTree
+
+    root = ElementTree.fromstring(xml)
+    contents = [
+        {
+            "Key": unquote_plus(item.findtext(f"{_S3_XML}Key")),
+            "Size": int(item.findtext(f"{_S3_XML}Size")),
+            "ETag": item.findtext(f"{_S3_XML}ETag"),
+            "LastModified": _parse_timestamp(item.findtext(f"{_S3_XML}LastModified")),
+        }
+        for item in root.iter(f"{_S3_XML}Contents")
+    ]
+    page: dict[str, Any] = {
+        "Contents": contents,
+        "IsTruncated": root.findtext(f"{_S3_XML}IsTruncated") == "true",
+    }
+    if page["IsTruncated"]:
+        page["NextContinuationToken"] = root.findtext(f"{_S3_XML}NextContinuationToken")
+    return page
+
+
+def _list_page(client: Any, request: dict[str, str], fast: list[bool]) -> dict[str, Any]:
+    """One ListObjectsV2 page; ``fast[0]`` says whether the presigned path is still worth trying."""
+    http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    if fast[0] and http is not None:
+        # As for small GETs (_Downloader._open): a presigned request on the client's own session,
+        # parsed with ElementTree, costs a fraction of botocore's generic XML parser (~80 us per
+        # listed key). Any answer but 200 goes the regular way, which raises typed errors and
+        # follows redirects, and ends the fast path for this folder.
+        from botocore.awsrequest import AWSRequest
+
+        url = client.generate_presigned_url("list_objects_v2", Params={**request, "EncodingType": "url"})
+        response = http.send(AWSRequest(method="GET", url=url).prepare())
+        if response.status_code == 200:
+            return parse_listing_page(response.content)
+        fast[0] = False
+    return client.list_objects_v2(**request)
+
+
 def _list_folder(client: Any, bucket: str, folder_prefix: str, cfg: SyncConfig) -> list[dict[str, Any]]:
     contents: list[dict[str, Any]] = []
     request = {"Bucket": bucket, "Prefix": folder_prefix}
+    fast = [True]
     while True:
         page = call_with_retries(
-            lambda: client.list_objects_v2(**request), cfg.max_attempts, cfg.backoff_seconds
+            lambda: _list_page(client, request, fast), cfg.max_attempts, cfg.backoff_seconds
         )
         contents.extend(page.get("Contents", ()))
         if not page.get("IsTruncated"):

@@ -237,3 +237,30 @@ def test_command_prints_the_summary_and_exits_nonzero_when_a_key_is_rejected(
     rejected = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
     assert rejected.returncode == 1
     assert "obman/test/../../evil" in rejected.stdout
+
+
+def test_listing_reads_keys_with_spaces_plus_signs_and_unicode_as_botocore_does(
+    s3_bucket, s3_endpoint, s3_client, tmp_path
+):
+    keys = ["obman/train/rgb/a b+c.jpg", "obman/train/rgb/ü%41&<x>.jpg", "obman/val/meta/00000001.pkl"]
+    for key in keys:
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=key.encode())
+    cfg = config(s3_bucket, s3_endpoint, tmp_path / "mirror")
+    listed = s3sync.list_objects(s3sync.client_for(cfg), cfg)
+    regular = [
+        item
+        for prefix in ("obman/train/", "obman/val/")
+        for item in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix)["Contents"]
+    ]
+    fields = ("Key", "Size", "ETag", "LastModified")
+    assert [{name: item[name] for name in fields} for item in listed] == [
+        {name: item[name] for name in fields} for item in regular
+    ]
+
+
+def test_listing_a_missing_bucket_raises_the_typed_error(s3_endpoint, tmp_path):
+    from botocore.exceptions import ClientError
+
+    cfg = config("occ-no-such-bucket", s3_endpoint, tmp_path / "mirror")
+    with pytest.raises(ClientError, match="NoSuchBucket"):
+        s3sync.list_objects(s3sync.client_for(cfg), cfg)

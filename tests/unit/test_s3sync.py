@@ -370,3 +370,32 @@ def test_embedded_server_timestamps_serialize_as_moto_would(value, monkeypatch):
     for form in ("iso8601", "rfc822", "unixtimestamp"):
         to_text = getattr(serializer, f"_timestamp_{form}")
         assert to_text(fast) == to_text(slow)
+
+
+def test_listing_page_is_read_like_botocore_reads_it():
+    xml = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>p/train/</Prefix><KeyCount>2</KeyCount><EncodingType>url</EncodingType>
+  <IsTruncated>true</IsTruncated><NextContinuationToken>tok+en/=</NextContinuationToken>
+  <Contents><Key>p/train/a%20b%2Bc.png</Key><LastModified>2026-01-02T03:04:05.000Z</LastModified>
+    <ETag>&quot;0123456789abcdef0123456789abcdef&quot;</ETag><Size>42</Size><StorageClass>STANDARD</StorageClass>
+  </Contents>
+  <Contents><Key>p/train/x+y</Key><LastModified>2026-01-02T03:04:06Z</LastModified>
+    <ETag>&quot;abc-2&quot;</ETag><Size>7</Size></Contents>
+</ListBucketResult>"""
+    page = s3sync.parse_listing_page(xml)
+    assert page["IsTruncated"] and page["NextContinuationToken"] == "tok+en/="
+    first, second = page["Contents"]
+    assert (first["Key"], first["Size"], first["ETag"]) == (
+        "p/train/a b+c.png",
+        42,
+        '"0123456789abcdef0123456789abcdef"',
+    )
+    assert first["LastModified"].isoformat() == "2026-01-02T03:04:05+00:00"
+    assert second["Key"] == "p/train/x y"  # botocore decodes url-encoded listings with unquote_plus
+
+
+def test_last_listing_page_has_no_continuation_token():
+    xml = b"""<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <IsTruncated>false</IsTruncated></ListBucketResult>"""
+    assert s3sync.parse_listing_page(xml) == {"Contents": [], "IsTruncated": False}
