@@ -34,7 +34,13 @@ from occ_core import obman
 from occ_core import render as render_lib
 from occ_core.config import get_settings
 from occ_core.errors import StageError
-from occ_core.fsio import sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from occ_core.fsio import (
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from occ_core.obman import SampleRef, list_samples
 from occ_core.render import RenderConfig, RenderJob, contact_sheet, render_jobs, view_filename
 from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
@@ -271,6 +277,10 @@ class RenderShard:
         """The file that says this shard finished in ``views_dir`` (its report summary, as JSON)."""
         return Path(views_dir) / "shards" / f"{self.index:05d}-{self.key}.json"
 
+    def started_marker(self, views_dir: Path) -> Path:
+        """The file that says an attempt of this very shard (same key) began writing into ``views_dir``."""
+        return Path(views_dir) / "shards" / f"{self.index:05d}-{self.key}.started"
+
 
 def render_shard(shard: RenderShard, params: RenderParams, views_dir: Path) -> StageReport:
     """Reconstruct what is missing and render every view of one shard into ``views_dir``.
@@ -291,7 +301,15 @@ def render_shard(shard: RenderShard, params: RenderParams, views_dir: Path) -> S
     """
     cfg = params.render_config()
     views_dir = Path(views_dir)
-    todo = [s for s in shard.samples if not all(p.is_file() for p in view_paths(s, cfg, views_dir))]
+    started = shard.started_marker(views_dir)
+    # Views already in views_dir are this shard's only if an interrupted attempt with the same key wrote
+    # them: a directory given with --out may hold views of other inputs, backends or settings.
+    resuming = started.is_file()
+    if resuming:
+        todo = [s for s in shard.samples if not all(p.is_file() for p in view_paths(s, cfg, views_dir))]
+    else:
+        todo = list(shard.samples)
+        write_text_atomic(started, shard.key)
     report = StageReport("render", skipped=len(shard.samples) - len(todo), extra={"views": 0})
     with Timer() as timer:
         if todo:
@@ -300,6 +318,7 @@ def render_shard(shard: RenderShard, params: RenderParams, views_dir: Path) -> S
             )
     report.seconds = timer.seconds
     write_json_atomic(shard.marker(views_dir), report.summary())
+    started.unlink(missing_ok=True)
     return report
 
 
@@ -317,7 +336,7 @@ def _reconstruct_and_render(
         for r in results
         if r.ok and r.mesh_path is not None
     ]
-    rendered = render_jobs(jobs, params.render_config(), views_dir)
+    rendered = render_jobs(jobs, params.render_config(), views_dir, overwrite=True)
     adopt_backend_views(results, params.split, views_dir)
     rendered.quarantined[:0] = recon.quarantined
     rendered.failed += recon.failed

@@ -393,7 +393,9 @@ def _write_png(path: Path, rgb: np.ndarray, level: int) -> None:
     write_bytes_atomic(path, encode_png(rgb, level))
 
 
-def _render_chunk(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> StageReport:
+def _render_chunk(
+    jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path, overwrite: bool = False
+) -> StageReport:
     """Render a list of jobs in this process, encoding and writing PNGs in encoder threads."""
     renderer = _thread_renderer(cfg.backend)
     K = intrinsics(cfg.size)
@@ -402,7 +404,7 @@ def _render_chunk(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -
     with ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="png") as encoder:
         for job in jobs:
             names = job.filenames(cfg.views)
-            if all((out_dir / name).exists() for name in names):
+            if not overwrite and all((out_dir / name).exists() for name in names):
                 report.skipped += 1
                 continue
             try:
@@ -455,7 +457,9 @@ def stop_renderer_processes() -> None:
             _pools.popitem()[1].shutdown(wait=True)
 
 
-def render_jobs(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> StageReport:
+def render_jobs(
+    jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path, overwrite: bool = False
+) -> StageReport:
     """Render view 0 and ``cfg.views`` orbit views of every job into ``out_dir``; bad jobs are quarantined.
 
     With ``cfg.processes > 1`` the jobs are dealt round-robin to that many renderer processes, started on
@@ -467,6 +471,8 @@ def render_jobs(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> 
         jobs: Objects to render.
         cfg: Render settings (see RenderConfig).
         out_dir: Output directory (the caller's stage directory), created if missing.
+        overwrite: Render every job even when its views exist; False skips such jobs, which is right
+            only when ``out_dir`` cannot hold views made with other settings or inputs.
     Returns:
         StageReport: ok / skipped (all views already present) / quarantined jobs, and
         ``extra = {"views": views written, "views_per_s": views per wall-clock second}``.
@@ -481,13 +487,13 @@ def render_jobs(jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path) -> 
         raise StageError(f"{out_dir}: cannot create the render output directory: {exc}") from exc
     with Timer() as timer:
         if cfg.processes == 1 or len(jobs) <= 1:
-            reports = [_render_chunk(jobs, cfg, out_dir)]
+            reports = [_render_chunk(jobs, cfg, out_dir, overwrite)]
         else:
             # Several chunks per process even out meshes of different cost.
             chunks = _split(jobs, cfg.processes * 4)
             try:
                 pool = _renderer_pool(cfg.processes)
-                reports = list(pool.map(_render_chunk, chunks, repeat(cfg), repeat(out_dir)))
+                reports = list(pool.map(_render_chunk, chunks, repeat(cfg), repeat(out_dir), repeat(overwrite)))
             except BrokenProcessPool as exc:
                 stop_renderer_processes()
                 raise StageError(

@@ -251,6 +251,21 @@ def test_occ_render_again_renders_nothing_new(tiny_obman, test_split, tmp_path):
     assert (again["rendered"], again["skipped"], again["views"]) == (0, len(test_split), 0)
 
 
+def test_occ_render_into_the_same_out_with_another_backend_renders_everything_again(
+    tiny_obman, test_split, tmp_path
+):
+    def render(backend: str) -> dict:
+        args = ["--root", str(tiny_obman), "--backend", backend, "--views", "1", "--processes", "1"]
+        return json.loads(CliRunner().invoke(render_command, [*args, "--out", str(tmp_path)]).output)
+
+    view0 = tmp_path / view_filename(test_split[0].sample_id, "test", 0)
+    render("depth")
+    depth_bytes = view0.read_bytes()
+    oracle = render("oracle")
+    assert (oracle["rendered"], oracle["skipped"]) == (len(test_split), 0)
+    assert view0.read_bytes() != depth_bytes
+
+
 def test_occ_render_without_out_writes_under_the_stage_key(tiny_obman, occ_home):
     result = CliRunner().invoke(
         render_command, ["--root", str(tiny_obman), "--views", "0", "--processes", "1"]
