@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.datasets import datasets_flow
 from flows.ingest import ingest_flow
 from flows.render import RenderParams, render_flow
+from moho_bridge.pipeline import Backend
 from occ_core.datasets import DatasetsConfig
 from occ_core.s3server import start_s3_server
 from occ_core.s3sync import SyncConfig
@@ -38,7 +39,7 @@ class DemoConfig(BaseModel):
     splits: tuple[str, ...] = Field(("train", "test"), description="splits to generate and ingest")
     bucket: str = Field("occ-demo", description="bucket on the embedded S3 server")
     prefix: str = Field("obman", description="key prefix of the dataset in the bucket")
-    backend: str = Field("depth", description="reconstruction backend: depth (built-in), oracle, moho")
+    backend: Backend = Field("depth", description="reconstruction backend: depth (built-in), oracle, moho")
     views: int = Field(4, ge=0, description="orbit views rendered per object besides view 0")
 
 
@@ -99,7 +100,8 @@ def closing_lines(cfg: DemoConfig, summary: dict[str, Any]) -> list[str]:
 @click.option("--seed", default=0, show_default=True, help=DemoConfig.model_fields["seed"].description)
 @click.option("--views", default=DemoConfig.model_fields["views"].default, show_default=True,
               help=DemoConfig.model_fields["views"].description)
-@click.option("--backend", default="depth", show_default=True, help=DemoConfig.model_fields["backend"].description)
+@click.option("--backend", type=click.Choice(["depth", "oracle", "moho"]), default="depth", show_default=True,
+              help=DemoConfig.model_fields["backend"].description)
 def cli(n: int, seed: int, views: int, backend: str) -> None:
     """Run the whole pipeline on the embedded default: synthetic ObMan on a local S3 server."""
     demo_flow(DemoConfig(n=n, seed=seed, views=views, backend=backend))

@@ -33,7 +33,6 @@ CLASS_COUNTS_10K: dict[str, int] = {
     "remote": 276,
 }
 
-ALIASES: dict[str, str] = {"remote control": "remote", "cell phone": "cellphone", "mobile phone": "cellphone"}
 
 
 def class_priors() -> dict[str, float]:

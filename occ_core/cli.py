@@ -50,6 +50,16 @@ class LazyGroup(click.Group):
             os.environ.setdefault(key, value)
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context) -> object:
+        from pydantic import ValidationError
+
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            # A flag outside its range reaches a stage's pydantic config: say so in one usage line each.
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise click.UsageError(f"invalid {exc.title} value: {problems}", ctx) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so `occ --help` imports no stage module.
         with formatter.section("Commands"):

@@ -26,8 +26,9 @@ import numpy as np
 import trimesh
 
 from occ_core.classes import QA_CLASSES
+from occ_core.obman import FOREARM_LABEL, HAND_LABELS
 
-PALM_LABEL, INDEX_LABEL, FOREARM_LABEL = 22, 24, 20
+PALM_LABEL, INDEX_LABEL = HAND_LABELS
 # Joint order of ObMan's coords_3d: root, then thumb, index, middle, ring, pinky, each base to tip.
 FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 _RESOLUTION = 0.02  # longest profile step, in normalised units: dense enough for painted patterns

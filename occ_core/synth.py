@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import pickle
+import shutil
 import sys
 import zlib
 from collections import Counter
@@ -50,7 +51,7 @@ from occ_core.classes import QA_CLASSES, SYNSET_BY_CLASS, class_priors
 from occ_core.config import configure_offscreen_gl, get_settings
 from occ_core.errors import StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic, write_json_atomic
-from occ_core.stage import StageReport, Timer, code_version, params_hash
+from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
 
 DEPTH_CONVENTION = "writer"
 DEPTH_KIND = "radial"
@@ -608,6 +609,17 @@ def _generate_split(cfg: SynthConfig, split: str, run: Runner, processes: int, r
     }
 
 
+def synth_code_version() -> str:
+    """Version of the code that decides a synthetic dataset's bytes."""
+    return code_version(sys.modules[__name__], obman, shapes)
+
+
+def staged_config(**params: Any) -> SynthConfig:
+    """A SynthConfig whose ``out`` is the pipeline's stage directory for these parameters."""
+    content = SynthConfig(out=Path("."), **params).content_params()
+    return SynthConfig(out=stage_dir("synth", stage_key([], content, synth_code_version())), **content)
+
+
 def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
     """Write a synthetic ObMan dataset under ``cfg.out``; a no-op when the same one is already there.
 
@@ -625,7 +637,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
     info_path = cfg.out / "synth_info.json"
     content = cfg.content_params()
     digest = params_hash(content)
-    version = code_version(sys.modules[__name__], obman, shapes)
+    version = synth_code_version()
     report = StageReport("synth")
     if info_path.exists():
         info = json.loads(info_path.read_text())
@@ -637,6 +649,9 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
             report.skipped = sum(s["frames"] for s in info["splits"].values())
             report.extra["splits"] = info["splits"]
             return report
+        # An unfinished run, or other code: its frames and meshes may differ from what follows.
+        for folder in (*obman.SPLITS, "shapenet"):
+            shutil.rmtree(cfg.out / folder, ignore_errors=True)
     info = {
         "generator": "occ synth",
         "code_version": version,
@@ -695,7 +710,7 @@ def _help(name: str) -> str:
     help=_help("seed"),
 )
 @click.option("--splits", default=",".join(obman.SPLITS), show_default=True, help="comma-separated splits")
-@click.option("--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES or CPUs)")
+@click.option("--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES, half the CPUs)")
 @click.option("--class-weights", default=None, help="e.g. jar=2720,bottle=2390 (default: the 10K priors)")
 def cli(out: Path, n: int, seed: int, splits: str, processes: int | None, class_weights: str | None) -> None:
     """Generate a synthetic ObMan-format dataset."""

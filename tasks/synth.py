@@ -6,20 +6,19 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from occ_core import obman, s3server, shapes, synth
-from occ_core.stage import code_version, stage_dir, stage_key
+from occ_core import s3server, synth
 
 
-@task(name="synthesize-obman", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, tags=["cpu"])
+# No Prefect cache: generate() is itself a no-op on a complete dataset, and a cached path would
+# outlive a deleted data root.
+@task(name="synthesize-obman", tags=["cpu"])
 def synthesize(n: int, seed: int, splits: tuple[str, ...]) -> Path:
     """Generate (or find, when already complete) a synthetic ObMan under its stage directory."""
-    content = synth.SynthConfig(out=Path("."), n=n, seed=seed, splits=splits).content_params()
-    out = stage_dir("synth", stage_key([], content, code_version(synth, obman, shapes)))
-    report = synth.generate(synth.SynthConfig(out=out, **content))
-    create_table_artifact(key="synth-summary", table=[report.summary() | {"root": str(out)}])
-    return out
+    cfg = synth.staged_config(n=n, seed=seed, splits=splits)
+    report = synth.generate(cfg)
+    create_table_artifact(key="synth-summary", table=[report.summary() | {"root": str(cfg.out)}])
+    return cfg.out
 
 
 @task(name="upload-to-s3", retries=2, retry_delay_seconds=2, tags=["io"])
