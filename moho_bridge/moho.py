@@ -259,6 +259,12 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(Path(target).resolve())
 
 
+def _file_identity(path: Path) -> list:
+    """Path, size and mtime: enough to tell another file from the one a run used."""
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
 def stage_inputs(samples: Sequence[SampleRef], workdir: Path, install: MohoInstall) -> Staging:
     """Lay out one run's inputs in ``workdir`` (docs/obman-moho.md C2 steps 1, 3-6).
 
@@ -284,6 +290,14 @@ def stage_inputs(samples: Sequence[SampleRef], workdir: Path, install: MohoInsta
         raise StageError(f"one MOHO run takes one split, got {sorted(splits)}")
     staging = Staging(workdir, splits.pop(), tuple(s.sample_id for s in samples))
     shutil.rmtree(staging.data_dir, ignore_errors=True)
+    # exp/ resumes only the same run: another checkpoint or other inputs must not find MOHO's old views.
+    identity = json.dumps(
+        {"ckpt": _file_identity(install.ckpt), "inputs": [_file_identity(s.rgb_path) for s in samples]}
+    )
+    stamp = staging.exp_dir / ".occ-identity"
+    if not stamp.is_file() or stamp.read_text() != identity:
+        shutil.rmtree(staging.exp_dir, ignore_errors=True)
+        write_text_atomic(stamp, identity)
     for sample in samples:
         _link(staging.rgb_link(sample.sample_id), sample.rgb_path)
         _link(staging.data_dir / "segm" / f"{sample.sample_id}.png", sample.segm_path)

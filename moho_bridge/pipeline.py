@@ -29,6 +29,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from moho_bridge import depth, in_moho_env, moho, oracle, protocol
+from moho_bridge.moho import git_commit
 from moho_bridge.protocol import ReconResult, get_reconstructor
 from occ_core import obman
 from occ_core import render as render_lib
@@ -74,6 +75,22 @@ class MohoOptions(BaseModel):
     )
 
 
+def moho_identity(install: moho.MohoInstall) -> dict[str, Any]:
+    """What makes MOHO's outputs what they are: its commit and its checkpoint (path, size, mtime).
+
+    The environment variables are resolved here, so a new MOHO_CKPT gives a new key. Size and mtime
+    stand for the checkpoint's content: hashing gigabytes on every plan would cost more than the check.
+    """
+    ckpt = install.ckpt
+    stat = ckpt.stat() if ckpt is not None and ckpt.is_file() else None
+    return {
+        "home": str(install.home) if install.home else None,
+        "commit": git_commit(install.home) if install.home is not None and install.home.is_dir() else None,
+        "ckpt": str(ckpt.resolve()) if ckpt is not None else None,
+        "ckpt_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
+    }
+
+
 class ReconstructParams(BaseModel):
     """What to reconstruct and with which backend."""
 
@@ -107,7 +124,7 @@ class ReconstructParams(BaseModel):
         """The settings that change the meshes: the part of the stage key these params contribute."""
         options = self.backend_options()
         if self.backend == "moho":
-            options = {k: options[k] for k in ("home", "ckpt")}
+            options = moho_identity(moho.MohoInstall.discover(self.moho.home, self.moho.python, self.moho.ckpt))
         return {"backend": self.backend, **options}
 
 

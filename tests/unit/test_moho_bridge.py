@@ -332,3 +332,18 @@ def test_grid_mesh_of_filled_pixels_is_closed_and_faces_outward():
     mesh = grid_mesh(front, back, np.full((256, 256, 3), 128, np.uint8), filled)
     mesh.merge_vertices()
     assert mesh.is_watertight and mesh.volume > 0
+
+
+def test_moho_stage_key_follows_the_checkpoint_named_by_the_environment(tmp_path, monkeypatch):
+    from moho_bridge.pipeline import ReconstructParams
+
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    first.write_bytes(b"weights")
+    second.write_bytes(b"other weights")
+    params = ReconstructParams(root=tmp_path, backend="moho")
+    monkeypatch.setenv("MOHO_CKPT", str(first))
+    with_first = params.output_params()
+    monkeypatch.setenv("MOHO_CKPT", str(second))
+    assert params.output_params() != with_first
+    second.write_bytes(b"retrained weights, new size")
+    assert params.output_params() != with_first
