@@ -117,9 +117,24 @@ def reconstruct(out: Path | None, **values: Any) -> None:
     click.echo(json.dumps({**report.summary(), "backend": params.backend, "out": str(out_dir)}))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated degrees, got {text!r}") from None
+
+
 @click.command("render")
 @_input_options
 @click.option("--views", type=int, default=8, show_default=True, help=_help(RenderParams, "views"))
+@click.option(
+    "--elevations",
+    "elevations_deg",
+    default="30,-30",
+    show_default=True,
+    callback=lambda ctx, param, value: _floats(value),
+    help="comma-separated " + _help(RenderParams, "elevations_deg"),
+)
 @click.option("--size", type=int, default=256, show_default=True, help=_help(RenderParams, "size"))
 @click.option(
     "--shard-size", type=int, default=200, show_default=True, help=_help(RenderParams, "shard_size")

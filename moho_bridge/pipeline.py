@@ -132,6 +132,7 @@ class RenderParams(ReconstructParams):
     """Reconstruct, then render hand-free views of each object. The render flow's parameters."""
 
     views: int = Field(8, ge=0, description="orbit views besides view 0 (the input camera)")
+    elevations_deg: tuple[float, ...] = RenderConfig.model_fields["elevations_deg"]
     size: int = Field(render_lib.OBMAN_SIZE, ge=16, description="square image side in pixels")
     shard_size: int = Field(200, ge=1, description="samples per shard (one Prefect task each)")
     renderer: str = Field("pyrender", description="render backend (occ_core.render.BACKENDS)")
@@ -142,7 +143,13 @@ class RenderParams(ReconstructParams):
 
     def render_config(self) -> RenderConfig:
         chosen = {"processes": self.processes} if self.processes is not None else {}
-        return RenderConfig(size=self.size, views=self.views, backend=self.renderer, **chosen)
+        return RenderConfig(
+            size=self.size,
+            views=self.views,
+            elevations_deg=self.elevations_deg,
+            backend=self.renderer,
+            **chosen,
+        )
 
 
 def select_samples(root: Path, split: str, limit: int | None = None) -> list[SampleRef]:

@@ -272,3 +272,13 @@ def test_occ_render_without_out_writes_under_the_stage_key(tiny_obman, occ_home)
     )
     views_dir = Path(json.loads(result.output)["views_dir"])
     assert views_dir.parent == occ_home.resolve() / "render" and len(views_dir.name) == 16
+
+
+def test_occ_render_orbit_elevations_are_a_flag(tiny_obman, test_split, tmp_path):
+    def view1(elevations: str) -> bytes:
+        out = tmp_path / elevations.replace(",", "_")
+        args = ["--root", str(tiny_obman), "--backend", "oracle", "--views", "1", "--processes", "1"]
+        CliRunner().invoke(render_command, [*args, "--elevations", elevations, "--out", str(out)])
+        return (out / view_filename(test_split[0].sample_id, "test", 1)).read_bytes()
+
+    assert view1("60") != view1("-60")
