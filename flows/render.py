@@ -20,6 +20,7 @@ from prefect import flow
 
 from moho_bridge.pipeline import RenderParams
 from moho_bridge.protocol import BACKENDS
+from occ_core.config import field_help
 from tasks.render import plan_render, render_shard, summarize_render
 
 __all__ = ["RenderParams", "render_flow"]
@@ -45,20 +46,17 @@ def render_flow(params: RenderParams) -> dict[str, Any]:
     return summary
 
 
-def _help(field: str) -> str:
-    return RenderParams.model_fields[field].description or ""
-
 
 @click.command()
 @click.option(
-    "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help=_help("root")
+    "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help=field_help(RenderParams, "root")
 )
-@click.option("--split", default="test", show_default=True, help=_help("split"))
+@click.option("--split", default="test", show_default=True, help=field_help(RenderParams, "split"))
 @click.option(
-    "--backend", type=click.Choice(list(BACKENDS)), default="depth", show_default=True, help=_help("backend")
+    "--backend", type=click.Choice(list(BACKENDS)), default="depth", show_default=True, help=field_help(RenderParams, "backend")
 )
-@click.option("--views", type=int, default=8, show_default=True, help=_help("views"))
-@click.option("--shard-size", type=int, default=200, show_default=True, help=_help("shard_size"))
+@click.option("--views", type=int, default=8, show_default=True, help=field_help(RenderParams, "views"))
+@click.option("--shard-size", type=int, default=200, show_default=True, help=field_help(RenderParams, "shard_size"))
 def cli(root: Path, split: str, backend: str, views: int, shard_size: int) -> None:
     """Run the render flow on one split and print its summary."""
     summary = render_flow(

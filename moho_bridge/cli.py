@@ -19,11 +19,8 @@ import click
 
 from moho_bridge.pipeline import MohoOptions, ReconstructParams, RenderParams, reconstruct_split, render_split
 from moho_bridge.protocol import BACKENDS
+from occ_core.config import field_help
 from occ_core.errors import StageError
-
-
-def _help(model: type, field: str) -> str:
-    return model.model_fields[field].description or ""
 
 
 def _input_options(command: Callable) -> Callable:
@@ -33,52 +30,52 @@ def _input_options(command: Callable) -> Callable:
             "--root",
             type=click.Path(exists=True, file_okay=False, path_type=Path),
             required=True,
-            help=_help(ReconstructParams, "root"),
+            help=field_help(ReconstructParams, "root"),
         ),
-        click.option("--split", default="test", show_default=True, help=_help(ReconstructParams, "split")),
+        click.option("--split", default="test", show_default=True, help=field_help(ReconstructParams, "split")),
         click.option(
             "--backend",
             type=click.Choice(list(BACKENDS)),
             default="depth",
             show_default=True,
-            help=_help(ReconstructParams, "backend"),
+            help=field_help(ReconstructParams, "backend"),
         ),
-        click.option("--limit", type=int, default=None, help=_help(ReconstructParams, "limit")),
+        click.option("--limit", type=int, default=None, help=field_help(ReconstructParams, "limit")),
         click.option(
             "--depth-convention",
             type=click.Choice(["writer", "reader"]),
             default=None,
-            help=_help(ReconstructParams, "depth_convention"),
+            help=field_help(ReconstructParams, "depth_convention"),
         ),
         click.option(
             "--shapenet-root",
             type=click.Path(file_okay=False, path_type=Path),
             default=None,
-            help=_help(ReconstructParams, "shapenet_root"),
+            help=field_help(ReconstructParams, "shapenet_root"),
         ),
         click.option(
-            "--moho-home", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "home")
+            "--moho-home", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "home")
         ),
         click.option(
-            "--moho-python", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "python")
+            "--moho-python", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "python")
         ),
         click.option(
-            "--moho-ckpt", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "ckpt")
+            "--moho-ckpt", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "ckpt")
         ),
-        click.option("--gpu", default="0", show_default=True, help=_help(MohoOptions, "gpu")),
+        click.option("--gpu", default="0", show_default=True, help=field_help(MohoOptions, "gpu")),
         click.option(
             "--device",
             type=click.Choice(["cuda", "cpu"]),
             default="cuda",
             show_default=True,
-            help=_help(MohoOptions, "device"),
+            help=field_help(MohoOptions, "device"),
         ),
         click.option(
             "--moho-timeout",
             type=float,
             default=3600.0,
             show_default=True,
-            help=_help(MohoOptions, "timeout_s"),
+            help=field_help(MohoOptions, "timeout_s"),
         ),
     ]
     for option in reversed(options):
@@ -126,21 +123,21 @@ def _floats(text: str) -> tuple[float, ...]:
 
 @click.command("render")
 @_input_options
-@click.option("--views", type=int, default=8, show_default=True, help=_help(RenderParams, "views"))
+@click.option("--views", type=int, default=8, show_default=True, help=field_help(RenderParams, "views"))
 @click.option(
     "--elevations",
     "elevations_deg",
     default="30,-30",
     show_default=True,
     callback=lambda ctx, param, value: _floats(value),
-    help="comma-separated " + _help(RenderParams, "elevations_deg"),
+    help="comma-separated " + field_help(RenderParams, "elevations_deg"),
 )
-@click.option("--size", type=int, default=256, show_default=True, help=_help(RenderParams, "size"))
+@click.option("--size", type=int, default=256, show_default=True, help=field_help(RenderParams, "size"))
 @click.option(
-    "--shard-size", type=int, default=200, show_default=True, help=_help(RenderParams, "shard_size")
+    "--shard-size", type=int, default=200, show_default=True, help=field_help(RenderParams, "shard_size")
 )
-@click.option("--renderer", default="pyrender", show_default=True, help=_help(RenderParams, "renderer"))
-@click.option("--processes", type=int, default=None, help=_help(RenderParams, "processes"))
+@click.option("--renderer", default="pyrender", show_default=True, help=field_help(RenderParams, "renderer"))
+@click.option("--processes", type=int, default=None, help=field_help(RenderParams, "processes"))
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -159,11 +156,11 @@ def render(**values: Any) -> None:
 
 
 @click.command("probe")
-@click.option("--moho-home", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "home"))
+@click.option("--moho-home", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "home"))
 @click.option(
-    "--moho-python", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "python")
+    "--moho-python", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "python")
 )
-@click.option("--moho-ckpt", type=click.Path(path_type=Path), default=None, help=_help(MohoOptions, "ckpt"))
+@click.option("--moho-ckpt", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "ckpt"))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 def probe(moho_home: Path | None, moho_python: Path | None, moho_ckpt: Path | None, device: str) -> None:
     """Say whether the real MOHO can run here, and why not; exit 1 when it cannot."""

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """A config field's description, reused as its command-line help (one text for both)."""
+    return model.model_fields[name].description or ""
 
 
 def configure_offscreen_gl(settings: Settings | None = None) -> str:

@@ -40,6 +40,7 @@ import pyarrow.json as pj
 from pydantic import BaseModel, ConfigDict, Field
 
 from occ_core.classes import QA_CLASSES, answer_for
+from occ_core.config import field_help
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import write_json_atomic, write_jsonl_atomic, write_parquet_atomic
 from occ_core.jsonl import dumps, iter_jsonl, join_pieces, json_strings, string_array, write_lines_atomic
@@ -597,10 +598,6 @@ def turn_counts(rows: pd.DataFrame) -> dict[str, int]:
     counts["answer_yes"] = int(len(labelled) - counts["answer_no"])
     return counts
 
-
-def field_help(model: type[BaseModel], name: str) -> str:
-    """A config field's description, reused as its command-line help."""
-    return model.model_fields[name].description or ""
 
 
 @click.group()

@@ -33,7 +33,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from occ_core import cot, jsonl, obman, occlusion, preference
-from occ_core.config import Settings
+from occ_core.config import Settings, field_help
 from occ_core.cot import CotConfig, Prompts
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import sha256_file, write_json_atomic, write_parquet_atomic
@@ -57,10 +57,10 @@ class DatasetsConfig(BaseModel):
         None, description="earlier checkpoint's Q1 answers {id: answer} or its wrong-id list (model-errors grader)"
     )
     renders: Path | None = Field(None, description="folder of view-0 renders for the 3D-view rows; None skips them")
-    cot_fraction: float = Field(0.25, ge=0.0, le=1.0, description=cot.field_help(CotConfig, "cot_fraction"))
+    cot_fraction: float = Field(0.25, ge=0.0, le=1.0, description=field_help(CotConfig, "cot_fraction"))
     sc_limit: int | None = Field(None, ge=1, description="rows of the SC dataset (upstream: 101); None keeps all")
-    balance: bool = Field(True, description=cot.field_help(BalanceConfig, "balance"))
-    stratify: bool = Field(False, description=cot.field_help(BalanceConfig, "stratify"))
+    balance: bool = Field(True, description=field_help(BalanceConfig, "balance"))
+    stratify: bool = Field(False, description=field_help(BalanceConfig, "stratify"))
     seed: int = Field(0, description="seed of every random choice (CoT rows, balancing); part of the stage key")
     prompts: Prompts = Field(default_factory=Prompts, description="question strings and their upstream variants")
     shard_size: int = Field(1000, ge=1, description="samples read per task; does not change the outputs")
@@ -304,22 +304,22 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 @click.command()
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help=cot.field_help(DatasetsConfig, "root"))
-@click.option("--split", default="train", show_default=True, help=cot.field_help(DatasetsConfig, "split"))
+              help=field_help(DatasetsConfig, "root"))
+@click.option("--split", default="train", show_default=True, help=field_help(DatasetsConfig, "split"))
 @click.option("--grader", type=click.Choice(occlusion.GRADERS), default="visibility", show_default=True,
-              help=cot.field_help(GraderConfig, "name"))
-@click.option("--threshold", type=float, default=None, help=cot.field_help(GraderConfig, "threshold"))
+              help=field_help(GraderConfig, "name"))
+@click.option("--threshold", type=float, default=None, help=field_help(GraderConfig, "threshold"))
 @click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=cot.field_help(DatasetsConfig, "predictions"))
+              help=field_help(DatasetsConfig, "predictions"))
 @click.option("--renders", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help=cot.field_help(DatasetsConfig, "renders"))
+              help=field_help(DatasetsConfig, "renders"))
 @click.option("--cot-fraction", type=float, default=0.25, show_default=True,
-              help=cot.field_help(DatasetsConfig, "cot_fraction"))
-@click.option("--sc-limit", type=int, default=None, help=cot.field_help(DatasetsConfig, "sc_limit"))
-@click.option("--balance/--no-balance", default=True, show_default=True, help=cot.field_help(DatasetsConfig, "balance"))
+              help=field_help(DatasetsConfig, "cot_fraction"))
+@click.option("--sc-limit", type=int, default=None, help=field_help(DatasetsConfig, "sc_limit"))
+@click.option("--balance/--no-balance", default=True, show_default=True, help=field_help(DatasetsConfig, "balance"))
 @click.option("--stratify/--no-stratify", default=False, show_default=True,
-              help=cot.field_help(DatasetsConfig, "stratify"))
-@click.option("--seed", type=int, default=0, show_default=True, help=cot.field_help(DatasetsConfig, "seed"))
+              help=field_help(DatasetsConfig, "stratify"))
+@click.option("--seed", type=int, default=0, show_default=True, help=field_help(DatasetsConfig, "seed"))
 def cli(root: Path, split: str, grader: str, threshold: float | None, predictions: Path | None,
         renders: Path | None, cot_fraction: float, sc_limit: int | None, balance: bool, stratify: bool,
         seed: int) -> None:

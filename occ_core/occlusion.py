@@ -42,7 +42,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from occ_core.classes import QA_CLASSES, answer_for
-from occ_core.cot import field_help, ids_from_list, read_json
+from occ_core.config import field_help
+from occ_core.cot import ids_from_list, read_json
 from occ_core.errors import BadSample
 from occ_core.obman import OBJECT_LABEL
 

@@ -59,7 +59,7 @@ import trimesh
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from occ_core.config import configure_offscreen_gl, get_settings
+from occ_core.config import configure_offscreen_gl, field_help, get_settings
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic
 from occ_core.stage import StageReport, Timer
@@ -578,9 +578,6 @@ def read_jobs(path: Path) -> list[RenderJob]:
     return jobs
 
 
-def _help(field: str) -> str:
-    return RenderConfig.model_fields[field].description or ""
-
 
 @click.command("render")
 @click.option(
@@ -597,15 +594,15 @@ def _help(field: str) -> str:
     required=True,
     help="Output directory for the PNGs, quarantine.jsonl and contact_sheet.png.",
 )
-@click.option("--size", type=int, default=OBMAN_SIZE, show_default=True, help=_help("size"))
-@click.option("--views", type=int, default=8, show_default=True, help=_help("views"))
+@click.option("--size", type=int, default=OBMAN_SIZE, show_default=True, help=field_help(RenderConfig, "size"))
+@click.option("--views", type=int, default=8, show_default=True, help=field_help(RenderConfig, "views"))
 @click.option(
-    "--elevations", default="30,-30", show_default=True, help=_help("elevations_deg") + " (comma-separated)"
+    "--elevations", default="30,-30", show_default=True, help=field_help(RenderConfig, "elevations_deg") + " (comma-separated)"
 )
-@click.option("--backend", default="pyrender", show_default=True, help=_help("backend"))
-@click.option("--processes", type=int, default=None, help=_help("processes"))
-@click.option("--encode-threads", type=int, default=1, show_default=True, help=_help("encode_threads"))
-@click.option("--png-level", type=int, default=1, show_default=True, help=_help("png_level"))
+@click.option("--backend", default="pyrender", show_default=True, help=field_help(RenderConfig, "backend"))
+@click.option("--processes", type=int, default=None, help=field_help(RenderConfig, "processes"))
+@click.option("--encode-threads", type=int, default=1, show_default=True, help=field_help(RenderConfig, "encode_threads"))
+@click.option("--png-level", type=int, default=1, show_default=True, help=field_help(RenderConfig, "png_level"))
 @click.option(
     "--sheet-samples", type=int, default=6, show_default=True, help="Samples in the contact sheet (0: none)."
 )

@@ -73,6 +73,28 @@ def _fast_timestamps() -> None:
     moto.core.serialize.parse_to_aware_datetime = parse_to_aware_datetime
 
 
+def _keep_alive_handler(base: type) -> type:
+    """``base`` (a werkzeug request handler) keeping HTTP/1.1 connections open after bodiless requests.
+
+    werkzeug 3 closes every connection because http.server cannot drain an unread request body
+    before the next request line. A request without a body (GET, HEAD, listings: all of a sync)
+    leaves nothing to drain, so its connection can serve the next request; the rest still close.
+    Without this every request costs a TCP connect on both sides and a new server thread, about a
+    tenth of a small GET. Drop it once werkzeug keeps connections alive.
+    """
+
+    class KeepAliveRequestHandler(base):
+        def send_header(self, keyword: str, value: str) -> None:
+            bodyless = (
+                self.headers.get("Content-Length", "0") == "0" and "Transfer-Encoding" not in self.headers
+            )
+            if bodyless and keyword.lower() == "connection" and value.lower() == "close":
+                return
+            super().send_header(keyword, value)
+
+    return KeepAliveRequestHandler
+
+
 def _moto_wsgi_server(host: str, port: int) -> Any:
     """moto's S3 application on a threaded werkzeug server, bound and listening (not yet serving)."""
     import moto.backends
@@ -92,7 +114,9 @@ def _moto_wsgi_server(host: str, port: int) -> Any:
     # One log line per request costs time and floods the log; errors still show.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = DomainDispatcherApplication(create_backend_app)
-    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(
+        host, port, app, threaded=True, request_handler=_keep_alive_handler(MotoRequestHandler)
+    )
     os.environ.setdefault("MOTO_PORT", str(server.port))  # moto builds its own URLs from it
     return server
 

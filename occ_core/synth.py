@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from occ_core import obman, shapes
 from occ_core.classes import QA_CLASSES, SYNSET_BY_CLASS, class_priors
-from occ_core.config import configure_offscreen_gl, get_settings
+from occ_core.config import configure_offscreen_gl, field_help, get_settings
 from occ_core.errors import StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic, write_json_atomic
 from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
@@ -693,21 +693,18 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-def _help(name: str) -> str:
-    return SynthConfig.model_fields[name].description or ""
-
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), required=True, help=_help("out"))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help=field_help(SynthConfig, "out"))
 @click.option(
-    "--n", type=int, default=SynthConfig.model_fields["n"].default, show_default=True, help=_help("n")
+    "--n", type=int, default=SynthConfig.model_fields["n"].default, show_default=True, help=field_help(SynthConfig, "n")
 )
 @click.option(
     "--seed",
     type=int,
     default=SynthConfig.model_fields["seed"].default,
     show_default=True,
-    help=_help("seed"),
+    help=field_help(SynthConfig, "seed"),
 )
 @click.option("--splits", default=",".join(obman.SPLITS), show_default=True, help="comma-separated splits")
 @click.option("--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES, half the CPUs)")
