@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import logging
 import os
 import re
@@ -76,19 +77,29 @@ def _fast_timestamps() -> None:
 def _keep_alive_handler(base: type) -> type:
     """``base`` (a werkzeug request handler) keeping HTTP/1.1 connections open after bodiless requests.
 
-    werkzeug 3 closes every connection because http.server cannot drain an unread request body
-    before the next request line. A request without a body (GET, HEAD, listings: all of a sync)
-    leaves nothing to drain, so its connection can serve the next request; the rest still close.
-    Without this every request costs a TCP connect on both sides and a new server thread, about a
-    tenth of a small GET. Drop it once werkzeug keeps connections alive.
+    werkzeug 3 closes every connection, and after each response drains whatever the client sent
+    next, because http.server cannot skip an unread request body. A request without a body (GET,
+    HEAD, listings: all of a sync) leaves nothing to skip: it gets an empty body stream (so the drain
+    reads nothing) and its connection serves the next request; requests with a body still close.
+    Without this every request costs a TCP connect on both sides and a new server thread. Drop it
+    once werkzeug keeps connections alive.
     """
 
     class KeepAliveRequestHandler(base):
+        def _bodyless(self) -> bool:
+            return self.headers.get("Content-Length", "0") == "0" and "Transfer-Encoding" not in self.headers
+
+        def run_wsgi(self) -> None:
+            if not self._bodyless():
+                return super().run_wsgi()
+            connection_stream, self.rfile = self.rfile, io.BytesIO()
+            try:
+                return super().run_wsgi()
+            finally:
+                self.rfile = connection_stream
+
         def send_header(self, keyword: str, value: str) -> None:
-            bodyless = (
-                self.headers.get("Content-Length", "0") == "0" and "Transfer-Encoding" not in self.headers
-            )
-            if bodyless and keyword.lower() == "connection" and value.lower() == "close":
+            if keyword.lower() == "connection" and value.lower() == "close" and self._bodyless():
                 return
             super().send_header(keyword, value)
 

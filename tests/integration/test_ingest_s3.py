@@ -264,3 +264,24 @@ def test_listing_a_missing_bucket_raises_the_typed_error(s3_endpoint, tmp_path):
     cfg = config("occ-no-such-bucket", s3_endpoint, tmp_path / "mirror")
     with pytest.raises(ClientError, match="NoSuchBucket"):
         s3sync.list_objects(s3sync.client_for(cfg), cfg)
+
+
+def test_embedded_server_keeps_connections_open_after_bodiless_requests_only(s3_bucket, s3_endpoint):
+    import http.client
+
+    host, port = s3_endpoint.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        statuses = []
+        for _ in range(2):  # the second request would hang if the server drained the connection
+            connection.request("GET", f"/{s3_bucket}?list-type=2")
+            response = connection.getresponse()
+            response.read()
+            statuses.append((response.status, response.getheader("Connection")))
+        assert statuses == [(200, None), (200, None)]
+        connection.request("PUT", f"/{s3_bucket}/obman/train/x", body=b"data")
+        response = connection.getresponse()
+        response.read()
+        assert (response.status, response.getheader("Connection")) == (200, "close")
+    finally:
+        connection.close()
