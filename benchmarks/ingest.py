@@ -8,7 +8,7 @@ of --repeats): a cold sync into an empty directory, then a no-op re-sync of the 
 Runs of the two tools alternate, so both see the same machine load. Printed: one table, the ratios
 aws/occ against the aims (>= 2x cold, >= 3x no-op), and the server's CPU seconds in each best run,
 which show how much of a run the server alone accounts for: on a 2-core machine moto needs about
-4 ms of CPU per small GET and 0.3-0.4 s per 1,000 listed keys, a floor both tools share.
+3.3 ms of CPU per small GET and 0.15-0.25 s per 1,000 listed keys, a floor both tools share.
 """
 
 from __future__ import annotations
