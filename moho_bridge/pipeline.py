@@ -43,7 +43,7 @@ from occ_core.fsio import (
     write_text_atomic,
 )
 from occ_core.obman import SampleRef, list_samples
-from occ_core.render import RenderConfig, RenderJob, contact_sheet, render_jobs, view_filename
+from occ_core.render import RenderConfig, RenderJob, complete_rows, contact_sheet, render_jobs, view_filename
 from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
 
 Backend = Literal["depth", "oracle", "moho"]
@@ -445,12 +445,10 @@ def shard_rows(reports: Sequence[StageReport]) -> list[dict[str, Any]]:
 
 def write_contact_sheet(plan: RenderPlan, cfg: RenderConfig, limit: int = SHEET_SAMPLES) -> Path | None:
     """A contact sheet of the first ``limit`` fully rendered samples: photo, then every view."""
-    rows = []
-    for shard in plan.shards:
-        for sample in shard.samples:
-            paths = view_paths(sample, cfg, plan.views_dir)
-            if len(rows) < limit and all(p.is_file() for p in paths):
-                rows.append((sample.rgb_path, paths))
+    candidates = (
+        (sample.rgb_path, view_paths(sample, cfg, plan.views_dir)) for shard in plan.shards for sample in shard.samples
+    )
+    rows = complete_rows(candidates, limit)
     return contact_sheet(rows, plan.views_dir / CONTACT_SHEET) if rows else None
 
 

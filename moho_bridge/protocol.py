@@ -26,6 +26,7 @@ import trimesh
 from occ_core.errors import BadSample
 from occ_core.fsio import atomic_path
 from occ_core.obman import SampleRef
+from occ_core.render import check_mesh
 
 # name -> "module:class"; imported on use so choosing `depth` never loads the MOHO bridge, and back.
 BACKENDS: dict[str, str] = {
@@ -93,19 +94,6 @@ def get_reconstructor(name: str, **opts: Any) -> Reconstructor:
         raise ValueError(f"unknown reconstruction backend {name!r}; expected one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)(**opts)
-
-
-def check_mesh(mesh: trimesh.Trimesh, path: Path | str) -> trimesh.Trimesh:
-    """Reject a mesh that cannot be rendered: no faces, or vertices that are not finite.
-
-    Raises:
-        BadSample: Naming ``path`` and the defect.
-    """
-    if len(mesh.faces) == 0:
-        raise BadSample(path, "mesh has no faces")
-    if not np.isfinite(mesh.vertices).all():
-        raise BadSample(path, "mesh has non-finite vertices")
-    return mesh
 
 
 def write_mesh(mesh: trimesh.Trimesh, path: Path) -> Path:

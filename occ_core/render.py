@@ -45,7 +45,7 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -367,7 +367,18 @@ def load_mesh(path: Path) -> trimesh.Trimesh:
         mesh = trimesh.load(path, force="mesh", process=False)
     except Exception as exc:  # trimesh raises many types (ValueError, KeyError, OSError, ...) on bad files
         raise BadSample(path, f"cannot load mesh: {exc}") from exc
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+    if not isinstance(mesh, trimesh.Trimesh):
+        raise BadSample(path, "mesh has no faces")
+    return check_mesh(mesh, path)
+
+
+def check_mesh(mesh: trimesh.Trimesh, path: Path | str) -> trimesh.Trimesh:
+    """Reject a mesh that cannot be rendered: no faces, or vertices that are not finite.
+
+    Raises:
+        BadSample: Naming ``path`` and the defect.
+    """
+    if len(mesh.faces) == 0:
         raise BadSample(path, "mesh has no faces")
     if not np.isfinite(mesh.vertices).all():
         raise BadSample(path, "mesh has non-finite vertices")
@@ -509,13 +520,24 @@ def sheet_rows(
     jobs: Sequence[RenderJob], cfg: RenderConfig, out_dir: Path, limit: int = 6
 ) -> list[tuple[Path, list[Path]]]:
     """Rows for ``contact_sheet``: the first ``limit`` jobs that have a photo and all their renders."""
+    candidates = (
+        (job.image_path, [out_dir / name for name in job.filenames(cfg.views)])
+        for job in jobs
+        if job.image_path is not None
+    )
+    return complete_rows(candidates, limit)
+
+
+def complete_rows(
+    candidates: Iterable[tuple[Path, list[Path]]], limit: int
+) -> list[tuple[Path, list[Path]]]:
+    """The first ``limit`` (photo, renders) rows whose renders all exist on disk."""
     rows: list[tuple[Path, list[Path]]] = []
-    for job in jobs:
+    for photo, renders in candidates:
         if len(rows) >= limit:
             break
-        renders = [out_dir / name for name in job.filenames(cfg.views)]
-        if job.image_path is not None and all(path.exists() for path in renders):
-            rows.append((job.image_path, renders))
+        if all(path.exists() for path in renders):
+            rows.append((photo, renders))
     return rows
 
 
