@@ -11,32 +11,17 @@ everything from mesh file to PNG on disk. Ours is timed twice per setting: "cold
 renderer processes (a fresh worker's first shard), "warm" reuses them (every later shard). A short
 split (rendering alone, encoding alone) says where the time goes.
 
-GPU machine (the lead runs this; EGL on the NVIDIA driver). Here, once, in the repo root, the device
-README's recipes for EGL loaders and for the wheels that image lacks (checked: with these 12 wheels,
-numpy, pillow, scipy, networkx, imageio, click and six are all the benchmark needs):
+GPU host (EGL on the NVIDIA driver). The machine needs the GL dispatch libraries (Debian: libegl1,
+libglvnd0, libopengl0, libgl1) and, in its Python, pyrender, trimesh, PyOpenGL 3.1.10 (over pyrender's
+pin, with --no-deps), pyglet and pydantic-settings; pyglet runs headless (set by
+occ_core.config.configure_offscreen_gl). Then, from the repository root:
 
-    echo /.gl/ >>.git/info/exclude; echo /.whl/ >>.git/info/exclude
-    mkdir -p .gl /tmp/amd64/partial
-    o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
-    apt-get $o update
-    (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl pyrender==0.1.45 trimesh==5.2.0 PyOpenGL==3.1.10 pyglet==2.1.19 freetype-py==2.5.1 \
-      pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
-      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+    export PYOPENGL_PLATFORM=egl
+    python -m benchmarks.render --n-meshes 300 --views 9 --sizes 256,512 --processes 1,4,8,16 \
+        --markdown render.md
 
-then the device tool's ``run`` with ``carry`` = [".gl", ".whl"] and ``timeout_s`` = 600, command:
-
-    for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig;
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-    export PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1 \
-      __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json;
-    python3 -m benchmarks.render --n-meshes 300 --views 9 --sizes 256,512 --processes 1,4,8,16 \
-      --markdown $OUT/render.md 2>&1 | tee $OUT/render.log
-
-The PNGs go to a temporary directory there, the report to ``$OUT``; the figures go into
+If NVIDIA's EGL vendor file is not found, point __EGL_VENDOR_LIBRARY_FILENAMES at its
+10_nvidia.json. The PNGs go to a temporary directory; the figures of the H200 run are in
 benchmarks/RESULTS.md under ``## render``.
 """
 
