@@ -39,7 +39,11 @@ from occ_core.jsonl import write_lines_atomic
 from occ_core.occlusion import METHOD_UNCLEAR_RATE
 from occ_core.preference import BalanceConfig
 
-Q1, Q6, Q0 = "What's the object in the hand?\n<image>", Prompts().q6, "Please analyze this image step by step.\n<image>"
+Q1, Q6, Q0 = (
+    "What's the object in the hand?\n<image>",
+    Prompts().q6,
+    "Please analyze this image step by step.\n<image>",
+)
 
 
 def make_inputs(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
@@ -50,8 +54,19 @@ def make_inputs(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     classes = rng.choice(list(priors), rows, p=list(priors.values()))
     with open(folder / "q1.jsonl", "w", encoding="utf-8") as fh:
         for sample_id, cls in zip(ids, classes, strict=True):
-            fh.write(json.dumps({"id": sample_id, "image": f"{sample_id}.jpg", "conversations": [
-                {"from": "human", "value": Q1}, {"from": "gpt", "value": f"The object is {cls}."}]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": sample_id,
+                        "image": f"{sample_id}.jpg",
+                        "conversations": [
+                            {"from": "human", "value": Q1},
+                            {"from": "gpt", "value": f"The object is {cls}."},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     wrong = rng.choice(ids, round(METHOD_UNCLEAR_RATE * rows), replace=False)
     (folder / "wrong.json").write_text(json.dumps([{"answer": i} for i in wrong]))
     return folder / "q1.jsonl", folder / "wrong.json"
@@ -74,14 +89,28 @@ def peer_write(path: Path, rows: list[dict]) -> int:
 
 def peer_sft2_rows(source: Path, wrong_path: Path) -> list[dict]:
     wrong = {item["answer"] for item in json.loads(wrong_path.read_text())}
-    return [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:2] + [
-        {"from": "human", "value": Q6}, {"from": "gpt", "value": "No." if r["id"] in wrong else "Yes."}]}
-        for r in peer_read(source)]
+    return [
+        {
+            "id": r["id"],
+            "image": r["image"],
+            "conversations": r["conversations"][:2]
+            + [
+                {"from": "human", "value": Q6},
+                {"from": "gpt", "value": "No." if r["id"] in wrong else "Yes."},
+            ],
+        }
+        for r in peer_read(source)
+    ]
 
 
 def peer_sft1(source: Path, wrong: Path, out: Path) -> int:
-    return peer_write(out, [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:2]}
-                            for r in peer_read(source)])
+    return peer_write(
+        out,
+        [
+            {"id": r["id"], "image": r["image"], "conversations": r["conversations"][:2]}
+            for r in peer_read(source)
+        ],
+    )
 
 
 def peer_sft2(source: Path, wrong: Path, out: Path) -> int:
@@ -98,8 +127,13 @@ def peer_cot(source: Path, wrong: Path, out: Path) -> int:
 
 
 def peer_sc(source: Path, wrong: Path, out: Path) -> int:
-    return peer_write(out, [{"id": r["id"], "image": r["image"], "conversations": r["conversations"][:2]}
-                            for r in peer_read(source)[:101]])
+    return peer_write(
+        out,
+        [
+            {"id": r["id"], "image": r["image"], "conversations": r["conversations"][:2]}
+            for r in peer_read(source)[:101]
+        ],
+    )
 
 
 def peer_pairs(sft2: Path, wrong: Path, out: Path) -> int:
@@ -113,17 +147,30 @@ def peer_pairs(sft2: Path, wrong: Path, out: Path) -> int:
     pairs = []
     for row in balanced:
         answer = row["conversations"][3]["value"]
-        pairs.append({"image": row["image"], "question": row["conversations"][2]["value"] + "\n",
-                      "chosen": answer, "rejected": "No." if answer == "Yes." else "Yes."})
+        pairs.append(
+            {
+                "image": row["image"],
+                "question": row["conversations"][2]["value"] + "\n",
+                "chosen": answer,
+                "rejected": "No." if answer == "Yes." else "Yes.",
+            }
+        )
     return peer_write(out, pairs)
 
 
 def peer_parquet(sft2: Path, wrong: Path, out: Path) -> int:
     records = []
     for row in peer_read(sft2):
-        turns = [{"role": "user" if t["from"] == "human" else "assistant",
-                  "content": t["value"].replace("<image>", "").strip()} for t in row["conversations"]]
-        records.append({"id": row["id"], "images": [row["image"]], "prompt": turns[:-1], "completion": turns[-1:]})
+        turns = [
+            {
+                "role": "user" if t["from"] == "human" else "assistant",
+                "content": t["value"].replace("<image>", "").strip(),
+            }
+            for t in row["conversations"]
+        ]
+        records.append(
+            {"id": row["id"], "images": [row["image"]], "prompt": turns[:-1], "completion": turns[-1:]}
+        )
     pq.write_table(pa.Table.from_pylist(records), out, compression="zstd")
     return len(records)
 
@@ -158,7 +205,9 @@ def ours_parquet(sft2: Path, wrong: Path, out: Path) -> int:
     return len(rows)
 
 
-def best_time(fn: Callable[[Path, Path, Path], int], args: tuple[Path, Path, Path], repeats: int) -> tuple[float, int]:
+def best_time(
+    fn: Callable[[Path, Path, Path], int], args: tuple[Path, Path, Path], repeats: int
+) -> tuple[float, int]:
     times, count = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -178,22 +227,36 @@ def main() -> None:
         # pairs and parquet start from SFT2 rows, as upstream's did.
         sft2 = folder / "sft2_input.jsonl"
         ours_builder("sft2")(source, wrong, sft2)
-        cases = [(stage, ours_builder(stage), peer, source) for stage, peer in
-                 [("sft1", peer_sft1), ("sft2", peer_sft2), ("cot", peer_cot), ("sc", peer_sc)]]
-        cases += [("pairs (balanced)", ours_pairs, peer_pairs, sft2), ("parquet export", ours_parquet, peer_parquet, sft2)]
-        print(f"{args.rows} Q1 rows, {len(QA_CLASSES)} classes; {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}")
-        print(f"{'builder':<18}{'rows out':>10}{'ours rows/s':>14}{'peer rows/s':>14}{'ratio':>8}  same bytes")
+        cases = [
+            (stage, ours_builder(stage), peer, source)
+            for stage, peer in [("sft1", peer_sft1), ("sft2", peer_sft2), ("cot", peer_cot), ("sc", peer_sc)]
+        ]
+        cases += [
+            ("pairs (balanced)", ours_pairs, peer_pairs, sft2),
+            ("parquet export", ours_parquet, peer_parquet, sft2),
+        ]
+        print(
+            f"{args.rows} Q1 rows, {len(QA_CLASSES)} classes; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; best of {args.repeats}"
+        )
+        print(
+            f"{'builder':<18}{'rows out':>10}{'ours rows/s':>14}{'peer rows/s':>14}{'ratio':>8}  same bytes"
+        )
         for name, ours, peer, input_path in cases:
             suffix = ".parquet" if name == "parquet export" else ".jsonl"
             ours_out, peer_out = folder / f"ours{suffix}", folder / f"peer{suffix}"
             ours_seconds, count = best_time(ours, (input_path, wrong, ours_out), args.repeats)
             peer_seconds, _ = best_time(peer, (input_path, wrong, peer_out), args.repeats)
             rows_in = args.rows
-            same = "yes" if ours_out.read_bytes() == peer_out.read_bytes() else (
-                "n/a" if name in ("cot", "pairs (balanced)", "parquet export") else "NO")
-            print(f"{name:<18}{count:>10}{rows_in / ours_seconds:>14,.0f}{rows_in / peer_seconds:>14,.0f}"
-                  f"{peer_seconds / ours_seconds:>7.2f}x  {same}")
+            same = (
+                "yes"
+                if ours_out.read_bytes() == peer_out.read_bytes()
+                else ("n/a" if name in ("cot", "pairs (balanced)", "parquet export") else "NO")
+            )
+            print(
+                f"{name:<18}{count:>10}{rows_in / ours_seconds:>14,.0f}{rows_in / peer_seconds:>14,.0f}"
+                f"{peer_seconds / ours_seconds:>7.2f}x  {same}"
+            )
         print("rows/s counts input rows read; 'n/a': seeded draws differ from the peer's by design")
 
 

@@ -32,9 +32,15 @@ def datasets_flow(params: DatasetsConfig) -> dict[str, Any]:
 
 
 @click.command()
-@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help=DatasetsConfig.model_fields["root"].description)
-@click.option("--split", default="train", show_default=True, help=DatasetsConfig.model_fields["split"].description)
+@click.option(
+    "--root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help=DatasetsConfig.model_fields["root"].description,
+)
+@click.option(
+    "--split", default="train", show_default=True, help=DatasetsConfig.model_fields["split"].description
+)
 def cli(root: Path, split: str) -> None:
     """Run the datasets flow with default parameters on one split."""
     datasets_flow(DatasetsConfig(root=root, split=split))

@@ -65,11 +65,19 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
     }
     datasets = {
         split: datasets_flow(
-            DatasetsConfig(root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=params.seed)
+            DatasetsConfig(
+                root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=params.seed
+            )
         )
         for split in params.splits
     }
-    summary = {"source": str(source), "mirror": str(mirror), "ingest": ingest, "render": renders, "datasets": datasets}
+    summary = {
+        "source": str(source),
+        "mirror": str(mirror),
+        "ingest": ingest,
+        "render": renders,
+        "datasets": datasets,
+    }
     print("\n".join(closing_lines(params, summary)))
     return summary
 
@@ -85,23 +93,40 @@ def closing_lines(cfg: DemoConfig, summary: dict[str, Any]) -> list[str]:
     ]
     for split in cfg.splits:
         render, datasets = summary["render"][split], summary["datasets"][split]
-        lines.append(f"  {split:<5} renders     {render['views_dir']} ({render['rendered']} rendered, "
-                     f"{render['skipped']} unchanged, {render['failed']} failed)")
+        lines.append(
+            f"  {split:<5} renders     {render['views_dir']} ({render['rendered']} rendered, "
+            f"{render['skipped']} unchanged, {render['failed']} failed)"
+        )
         if render.get("contact_sheet"):
             lines.append(f"  {split:<5} sheet       {render['contact_sheet']}")
-        lines.append(f"  {split:<5} datasets    {datasets['out_dir']} "
-                     + ", ".join(f"{name} {n}" for name, n in datasets["rows"].items()))
+        lines.append(
+            f"  {split:<5} datasets    {datasets['out_dir']} "
+            + ", ".join(f"{name} {n}" for name, n in datasets["rows"].items())
+        )
     return lines
 
 
 @click.command()
-@click.option("--n", default=DemoConfig.model_fields["n"].default, show_default=True,
-              help=DemoConfig.model_fields["n"].description)
+@click.option(
+    "--n",
+    default=DemoConfig.model_fields["n"].default,
+    show_default=True,
+    help=DemoConfig.model_fields["n"].description,
+)
 @click.option("--seed", default=0, show_default=True, help=DemoConfig.model_fields["seed"].description)
-@click.option("--views", default=DemoConfig.model_fields["views"].default, show_default=True,
-              help=DemoConfig.model_fields["views"].description)
-@click.option("--backend", type=click.Choice(["depth", "oracle", "moho"]), default="depth", show_default=True,
-              help=DemoConfig.model_fields["backend"].description)
+@click.option(
+    "--views",
+    default=DemoConfig.model_fields["views"].default,
+    show_default=True,
+    help=DemoConfig.model_fields["views"].description,
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["depth", "oracle", "moho"]),
+    default="depth",
+    show_default=True,
+    help=DemoConfig.model_fields["backend"].description,
+)
 def cli(n: int, seed: int, views: int, backend: str) -> None:
     """Run the whole pipeline on the embedded default: synthetic ObMan on a local S3 server."""
     demo_flow(DemoConfig(n=n, seed=seed, views=views, backend=backend))

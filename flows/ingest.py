@@ -29,15 +29,22 @@ def ingest_flow(params: SyncConfig) -> dict[str, Any]:
     shards = plan.shards(params.shard_size)
     rows = sync_shard.map(shards, range(len(shards)), unmapped(params))
     summary = finish_ingest(params, plan.started, rows)
-    print(f"ingest {params.source} -> {summary['dest']}: {summary['ok']} downloaded, {summary['skipped']} skipped, "
-          f"{summary['failed']} failed in {summary['seconds']} s")
+    print(
+        f"ingest {params.source} -> {summary['dest']}: {summary['ok']} downloaded, "
+        f"{summary['skipped']} skipped, "
+        f"{summary['failed']} failed in {summary['seconds']} s"
+    )
     return summary
 
 
 @click.command()
 @click.argument("source")
-@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help=SyncConfig.model_fields["dest"].description)
+@click.option(
+    "--dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help=SyncConfig.model_fields["dest"].description,
+)
 @click.option("--endpoint-url", help=SyncConfig.model_fields["endpoint_url"].description)
 def cli(source: str, dest: Path, endpoint_url: str | None) -> None:
     """Run the ingest flow with default parameters."""

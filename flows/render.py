@@ -41,22 +41,31 @@ def render_flow(params: RenderParams) -> dict[str, Any]:
     ]
     summary = summarize_render(reports, plan, params)
     print(
-        f"{summary['rendered']} rendered, {summary['skipped']} skipped, {summary['failed']} failed -> {plan.views_dir}"
+        f"{summary['rendered']} rendered, {summary['skipped']} skipped, {summary['failed']} failed "
+        f"-> {plan.views_dir}"
     )
     return summary
 
 
-
 @click.command()
 @click.option(
-    "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help=field_help(RenderParams, "root")
+    "--root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help=field_help(RenderParams, "root"),
 )
 @click.option("--split", default="test", show_default=True, help=field_help(RenderParams, "split"))
 @click.option(
-    "--backend", type=click.Choice(list(BACKENDS)), default="depth", show_default=True, help=field_help(RenderParams, "backend")
+    "--backend",
+    type=click.Choice(list(BACKENDS)),
+    default="depth",
+    show_default=True,
+    help=field_help(RenderParams, "backend"),
 )
 @click.option("--views", type=int, default=8, show_default=True, help=field_help(RenderParams, "views"))
-@click.option("--shard-size", type=int, default=200, show_default=True, help=field_help(RenderParams, "shard_size"))
+@click.option(
+    "--shard-size", type=int, default=200, show_default=True, help=field_help(RenderParams, "shard_size")
+)
 def cli(root: Path, split: str, backend: str, views: int, shard_size: int) -> None:
     """Run the render flow on one split and print its summary."""
     summary = render_flow(

@@ -32,7 +32,9 @@ def _input_options(command: Callable) -> Callable:
             required=True,
             help=field_help(ReconstructParams, "root"),
         ),
-        click.option("--split", default="test", show_default=True, help=field_help(ReconstructParams, "split")),
+        click.option(
+            "--split", default="test", show_default=True, help=field_help(ReconstructParams, "split")
+        ),
         click.option(
             "--backend",
             type=click.Choice(list(BACKENDS)),
@@ -57,7 +59,10 @@ def _input_options(command: Callable) -> Callable:
             "--moho-home", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "home")
         ),
         click.option(
-            "--moho-python", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "python")
+            "--moho-python",
+            type=click.Path(path_type=Path),
+            default=None,
+            help=field_help(MohoOptions, "python"),
         ),
         click.option(
             "--moho-ckpt", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "ckpt")
@@ -156,11 +161,15 @@ def render(**values: Any) -> None:
 
 
 @click.command("probe")
-@click.option("--moho-home", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "home"))
+@click.option(
+    "--moho-home", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "home")
+)
 @click.option(
     "--moho-python", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "python")
 )
-@click.option("--moho-ckpt", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "ckpt"))
+@click.option(
+    "--moho-ckpt", type=click.Path(path_type=Path), default=None, help=field_help(MohoOptions, "ckpt")
+)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 def probe(moho_home: Path | None, moho_python: Path | None, moho_ckpt: Path | None, device: str) -> None:
     """Say whether the real MOHO can run here, and why not; exit 1 when it cannot."""

@@ -182,7 +182,8 @@ def complete_object(
     centre: np.ndarray,
     depth_kind: str = "radial",
 ) -> trimesh.Trimesh:
-    """Closed, coloured camera-frame mesh of an object seen in ``visible`` pixels, partly hidden in ``occluded``.
+    """Closed, coloured camera-frame mesh of an object seen in ``visible`` pixels, partly hidden in
+    ``occluded``.
 
     Args:
         depth: (H, W) depth of the full scene in metres (NaN where nothing).

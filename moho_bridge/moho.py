@@ -25,7 +25,8 @@ or face-less (the sample fails, naming the file). What it does not: memory limit
 correctness, or the privilege of its inputs: like OCC, MOHO gets the ground-truth pose and hand from
 meta and the amodal object mask (segm channel 2), and the RGB image stands in for DINO features.
 
-    MOHO_HOME=... MOHO_PYTHON=... MOHO_CKPT=... occ reconstruct --root ROOT --split test --backend moho --out OUT
+    MOHO_HOME=... MOHO_PYTHON=... MOHO_CKPT=... \
+        occ reconstruct --root ROOT --split test --backend moho --out OUT
 """
 
 from __future__ import annotations

@@ -124,7 +124,9 @@ class ReconstructParams(BaseModel):
         """The settings that change the meshes: the part of the stage key these params contribute."""
         options = self.backend_options()
         if self.backend == "moho":
-            options = moho_identity(moho.MohoInstall.discover(self.moho.home, self.moho.python, self.moho.ckpt))
+            options = moho_identity(
+                moho.MohoInstall.discover(self.moho.home, self.moho.python, self.moho.ckpt)
+            )
         return {"backend": self.backend, **options}
 
 
@@ -446,7 +448,9 @@ def shard_rows(reports: Sequence[StageReport]) -> list[dict[str, Any]]:
 def write_contact_sheet(plan: RenderPlan, cfg: RenderConfig, limit: int = SHEET_SAMPLES) -> Path | None:
     """A contact sheet of the first ``limit`` fully rendered samples: photo, then every view."""
     candidates = (
-        (sample.rgb_path, view_paths(sample, cfg, plan.views_dir)) for shard in plan.shards for sample in shard.samples
+        (sample.rgb_path, view_paths(sample, cfg, plan.views_dir))
+        for shard in plan.shards
+        for sample in shard.samples
     )
     rows = complete_rows(candidates, limit)
     return contact_sheet(rows, plan.views_dir / CONTACT_SHEET) if rows else None

@@ -34,7 +34,6 @@ CLASS_COUNTS_10K: dict[str, int] = {
 }
 
 
-
 def class_priors() -> dict[str, float]:
     """Class frequencies of the 10K train set, normalised to sum to 1."""
     total = sum(CLASS_COUNTS_10K.values())

@@ -22,7 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cot": ("occ_core.cot", "cli", "Build chain-of-thought JSONL datasets (SFT1, SFT2, CoT, SC)."),
     "pairs": ("occ_core.preference", "cli", "Build preference pairs for MPO from SFT2 rows."),
     "occlusion": ("occ_core.occlusion", "cli", "Calibrate the visibility threshold of the clarity grader."),
-    "datasets": ("occ_core.datasets", "cli", "Build every training dataset of one ObMan split, with statistics."),
+    "datasets": (
+        "occ_core.datasets",
+        "cli",
+        "Build every training dataset of one ObMan split, with statistics.",
+    ),
     "demo": ("flows.demo", "cli", "Run the whole pipeline on the embedded default (no configuration)."),
 }
 

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     )
     depth_convention: Literal["writer", "reader"] = Field(
         "writer",
-        description="ObMan depth PNG direction: 'writer' (1 = nearest, obman_render) or 'reader' (255 = nearest, obman loaders)",
+        description="ObMan depth PNG direction: 'writer' (1 = nearest, obman_render) or 'reader' "
+        "(255 = nearest, obman loaders)",
     )
     gl_platform: Literal["egl", "osmesa"] = Field(
         "egl", description="PYOPENGL_PLATFORM for offscreen rendering when not already set"

@@ -75,31 +75,47 @@ class Prompts(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    q1: str = Field(Q1_TEXT, description="Q1, the description question; its answer is 'The object is {class}.'")
+    q1: str = Field(
+        Q1_TEXT, description="Q1, the description question; its answer is 'The object is {class}.'"
+    )
     q6: str = Field(Q6_TEXT, description="Q6, the clarity question asked after Q1; answered 'Yes.' or 'No.'")
     q0: str = Field(Q0_TEXT, description="Q0, the step-by-step CoT prompt")
     cot_answer: str = Field(COT_ANSWER, description="the fixed answer to Q0 (upstream typo 'orignal' kept)")
-    recheck: str = Field(RECHECK_TEXT, description="the self-correction re-ask that replaces Q1 on the 2nd attempt")
+    recheck: str = Field(
+        RECHECK_TEXT, description="the self-correction re-ask that replaces Q1 on the 2nd attempt"
+    )
     q2: str | None = Field(None, description="Q2 text; unknown upstream (method-spec 1), unused by any stage")
     q3: str | None = Field(None, description="Q3 text; unknown upstream, unused by any stage")
     q4: str | None = Field(None, description="Q4 text; unknown upstream, unused by any stage")
     q5: str | None = Field(None, description="Q5 text; unknown upstream, unused by any stage")
     image_token: str = Field(IMAGE_TOKEN, description="InternVL image placeholder in a human turn")
     image_after_text: bool = Field(
-        True, description="image token after the question ('Q\\n<image>', upstream) or before it ('<image>\\nQ')"
+        True,
+        description="image token after the question ('Q\\n<image>', upstream) or before it ('<image>\\nQ')",
     )
     pair_question_newline: bool = Field(
-        True, description="end the clarity question of preference pairs with '\\n', as the upstream DPO files do"
+        True,
+        description="end the clarity question of preference pairs with '\\n', as the upstream DPO files do",
     )
 
     def question(self, key: str) -> str:
         """The text of question ``Q0``..``Q6`` or ``SC`` (the re-ask); an unset Q2-Q5 slot is an error."""
-        texts = {"Q0": self.q0, "Q1": self.q1, "Q2": self.q2, "Q3": self.q3, "Q4": self.q4,
-                 "Q5": self.q5, "Q6": self.q6, "SC": self.recheck}
+        texts = {
+            "Q0": self.q0,
+            "Q1": self.q1,
+            "Q2": self.q2,
+            "Q3": self.q3,
+            "Q4": self.q4,
+            "Q5": self.q5,
+            "Q6": self.q6,
+            "SC": self.recheck,
+        }
         if key not in texts:
             raise KeyError(f"unknown question {key!r}; expected one of {', '.join(texts)}")
         if texts[key] is None:
-            raise KeyError(f"question {key} has no text: its upstream wording is unknown; set Prompts.{key.lower()}")
+            raise KeyError(
+                f"question {key} has no text: its upstream wording is unknown; set Prompts.{key.lower()}"
+            )
         return texts[key]
 
     def with_image(self, text: str) -> str:
@@ -119,14 +135,22 @@ class CotConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     cot_fraction: float = Field(
-        0.25, ge=0.0, le=1.0,
+        0.25,
+        ge=0.0,
+        le=1.0,
         description="share of SFT2 rows whose conversation becomes Q0 and its fixed answer (upstream: 25.7%)",
     )
-    seed: int = Field(0, description="seed of every random choice (CoT rows, balancing); part of the stage key")
-    limit: int | None = Field(
-        None, ge=1, description="keep only the first N source rows (upstream SC file: the first 101); None keeps all"
+    seed: int = Field(
+        0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
     )
-    prompts: Prompts = Field(default_factory=Prompts, description="question strings and their upstream variants")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="keep only the first N source rows (upstream SC file: the first 101); None keeps all",
+    )
+    prompts: Prompts = Field(
+        default_factory=Prompts, description="question strings and their upstream variants"
+    )
 
 
 def clarity_answer(unclear: bool) -> str:
@@ -144,14 +168,23 @@ def conversation(prompts: Prompts, turns: str, cls: str | None, unclear: bool | 
         unclear: Clarity label (used for ``q1q6`` only).
     """
     if turns == "q0":
-        return [{"from": "human", "value": prompts.with_image(prompts.q0)}, {"from": "gpt", "value": prompts.cot_answer}]
-    described = [{"from": "human", "value": prompts.with_image(prompts.q1)}, {"from": "gpt", "value": answer_for(cls)}]
+        return [
+            {"from": "human", "value": prompts.with_image(prompts.q0)},
+            {"from": "gpt", "value": prompts.cot_answer},
+        ]
+    described = [
+        {"from": "human", "value": prompts.with_image(prompts.q1)},
+        {"from": "gpt", "value": answer_for(cls)},
+    ]
     if turns == "q1":
         return described
     if turns == "q1q6":
         if unclear is None:
             raise ValueError("a Q1+Q6 conversation needs a clarity label")
-        return described + [{"from": "human", "value": prompts.q6}, {"from": "gpt", "value": clarity_answer(unclear)}]
+        return described + [
+            {"from": "human", "value": prompts.q6},
+            {"from": "gpt", "value": clarity_answer(unclear)},
+        ]
     raise ValueError(f"unknown turns {turns!r}; expected one of {', '.join(TURNS)}")
 
 
@@ -159,7 +192,10 @@ def chat_messages(prompts: Prompts, turns: str, cls: str | None, unclear: bool |
     """The same conversation as trl ``(prompt, completion)`` messages, image tokens left to the processor."""
     strip = prompts.image_token
     messages = [
-        {"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"].replace(strip, "").strip()}
+        {
+            "role": "user" if turn["from"] == "human" else "assistant",
+            "content": turn["value"].replace(strip, "").strip(),
+        }
         for turn in conversation(prompts, turns, cls, unclear)
     ]
     return messages[:-1], messages[-1:]
@@ -174,12 +210,18 @@ def sample_table(ids: Any, images: Any, classes: Any, unclear: Any) -> pd.DataFr
     Each argument is a list or an array (Arrow or pandas) of equal length; ``unclear`` may hold None.
     """
     return pd.DataFrame(
-        {"id": pd.array(ids, dtype="string"), "image": pd.array(images, dtype="string"),
-         "cls": pd.array(classes, dtype="string"), "unclear": pd.array(unclear, dtype="boolean")}
+        {
+            "id": pd.array(ids, dtype="string"),
+            "image": pd.array(images, dtype="string"),
+            "cls": pd.array(classes, dtype="string"),
+            "unclear": pd.array(unclear, dtype="boolean"),
+        }
     )
 
 
-def _parse_row(row: dict[str, Any], path: Path, number: int, prompts: Prompts) -> tuple[str, str, str, bool | None]:
+def _parse_row(
+    row: dict[str, Any], path: Path, number: int, prompts: Prompts
+) -> tuple[str, str, str, bool | None]:
     where = f"line {number}"
     sample_id = row.get("id")
     if not isinstance(sample_id, str) or not sample_id:
@@ -188,23 +230,33 @@ def _parse_row(row: dict[str, Any], path: Path, number: int, prompts: Prompts) -
     if not isinstance(image, str) or not image:
         raise BadSample(path, f"{where}: 'image' must be a non-empty string, got {image!r}", sample_id)
     turns = row.get("conversations")
-    if not isinstance(turns, list) or len(turns) < 2 or not all(
-        isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+    if (
+        not isinstance(turns, list)
+        or len(turns) < 2
+        or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)
     ):
-        raise BadSample(path, f"{where}: 'conversations' must hold at least 2 turns with a 'value'", sample_id)
+        raise BadSample(
+            path, f"{where}: 'conversations' must hold at least 2 turns with a 'value'", sample_id
+        )
     if (turns[0].get("from"), turns[1].get("from")) != ("human", "gpt"):
         raise BadSample(path, f"{where}: the first two turns must be from 'human' then 'gpt'", sample_id)
     match = ANSWER_PATTERN.fullmatch(turns[1]["value"])
     if match is None:
-        raise BadSample(path, f"{where}: answer {turns[1]['value']!r} is not 'The object is <class>.'", sample_id)
+        raise BadSample(
+            path, f"{where}: answer {turns[1]['value']!r} is not 'The object is <class>.'", sample_id
+        )
     if match["cls"] not in QA_CLASSES:
-        raise BadSample(path, f"{where}: unknown class {match['cls']!r}; expected one of {', '.join(QA_CLASSES)}",
-                        sample_id)
+        raise BadSample(
+            path,
+            f"{where}: unknown class {match['cls']!r}; expected one of {', '.join(QA_CLASSES)}",
+            sample_id,
+        )
     unclear = None
     if len(turns) >= 4 and turns[2]["value"] == prompts.q6:
         if turns[3]["value"] not in (YES, NO):
-            raise BadSample(path, f"{where}: clarity answer {turns[3]['value']!r} is neither 'Yes.' nor 'No.'",
-                            sample_id)
+            raise BadSample(
+                path, f"{where}: clarity answer {turns[3]['value']!r} is neither 'Yes.' nor 'No.'", sample_id
+            )
         unclear = turns[3]["value"] == NO
     return sample_id, image, match["cls"], unclear
 
@@ -236,11 +288,13 @@ def read_rows(
     return _drop_duplicates_and_missing(samples, faults, path, image_root)
 
 
-SOURCE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.string()),
-    ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
-])
+SOURCE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+    ]
+)
 _SAMPLE_FRAME = ("line", "id", "image", "cls", "unclear")
 Fault = tuple[int, str | None, str, str]  # line, sample id, file, reason
 
@@ -254,8 +308,10 @@ def _parse_whole_file(path: Path) -> pa.Table | None:
     # any doubt sends the file to the line-by-line reader.
     data = path.read_bytes()
     try:
-        table = pj.read_json(io.BytesIO(data), parse_options=pj.ParseOptions(
-            explicit_schema=SOURCE_SCHEMA, unexpected_field_behavior="ignore"))
+        table = pj.read_json(
+            io.BytesIO(data),
+            parse_options=pj.ParseOptions(explicit_schema=SOURCE_SCHEMA, unexpected_field_behavior="ignore"),
+        )
     except pa.ArrowException:
         return None
     lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
@@ -279,7 +335,9 @@ def _turn_field(conv: pa.ListArray, lengths: np.ndarray, k: int, field: str) -> 
     present = lengths > k
     if not present.any():
         return pa.nulls(len(lengths), pa.string())
-    picked = pc.struct_field(conv.values, field).take(pa.array(np.where(present, conv.offsets.to_numpy()[:-1] + k, 0)))
+    picked = pc.struct_field(conv.values, field).take(
+        pa.array(np.where(present, conv.offsets.to_numpy()[:-1] + k, 0))
+    )
     return pc.if_else(pa.array(present), picked, pa.scalar(None, pa.string()))
 
 
@@ -289,28 +347,41 @@ def _check_parsed(table: pa.Table, path: Path, prompts: Prompts) -> tuple[pd.Dat
     conv = table.column("conversations").combine_chunks()
     ids, images = table.column("id").combine_chunks(), table.column("image").combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(conv), 0).to_numpy(zero_copy_only=False)
-    null_values = np.r_[0, np.cumsum(pc.is_null(pc.struct_field(conv.values, "value")).to_numpy(zero_copy_only=False))]
+    null_values = np.r_[
+        0, np.cumsum(pc.is_null(pc.struct_field(conv.values, "value")).to_numpy(zero_copy_only=False))
+    ]
     offsets = conv.offsets.to_numpy()
-    cls = pc.struct_field(pc.extract_regex(_turn_field(conv, lengths, 1, "value"), f"^{ANSWER_PATTERN.pattern}$"),
-                          "cls")
+    cls = pc.struct_field(
+        pc.extract_regex(_turn_field(conv, lengths, 1, "value"), f"^{ANSWER_PATTERN.pattern}$"), "cls"
+    )
     asks_clarity = (lengths >= 4) & _true(pc.equal(_turn_field(conv, lengths, 2, "value"), prompts.q6))
     answer = _turn_field(conv, lengths, 3, "value")
     fine = (
-        _true(pc.greater(pc.utf8_length(ids), 0)) & _true(pc.greater(pc.utf8_length(images), 0))
-        & (lengths >= 2) & (null_values[offsets[1:]] == null_values[offsets[:-1]])
+        _true(pc.greater(pc.utf8_length(ids), 0))
+        & _true(pc.greater(pc.utf8_length(images), 0))
+        & (lengths >= 2)
+        & (null_values[offsets[1:]] == null_values[offsets[:-1]])
         & _true(pc.equal(_turn_field(conv, lengths, 0, "from"), "human"))
         & _true(pc.equal(_turn_field(conv, lengths, 1, "from"), "gpt"))
         & _true(pc.is_in(cls, value_set=pa.array(QA_CLASSES)))
         & (~asks_clarity | _true(pc.is_in(answer, value_set=pa.array([YES, NO]))))
     )
     unclear = np.where(asks_clarity, _true(pc.equal(answer, NO)), None)
-    samples = pd.DataFrame({"line": np.flatnonzero(fine) + 1, "id": pd.array(ids.filter(fine), dtype="string"),
-                            "image": pd.array(images.filter(fine), dtype="string"),
-                            "cls": pd.array(cls.filter(fine), dtype="string"), "unclear": unclear[fine]})
+    samples = pd.DataFrame(
+        {
+            "line": np.flatnonzero(fine) + 1,
+            "id": pd.array(ids.filter(fine), dtype="string"),
+            "image": pd.array(images.filter(fine), dtype="string"),
+            "cls": pd.array(cls.filter(fine), dtype="string"),
+            "unclear": unclear[fine],
+        }
+    )
     records, faults = [], []
     for index in np.flatnonzero(~fine):
         try:
-            records.append((index + 1, *_parse_row(table.slice(index, 1).to_pylist()[0], path, index + 1, prompts)))
+            records.append(
+                (index + 1, *_parse_row(table.slice(index, 1).to_pylist()[0], path, index + 1, prompts))
+            )
         except BadSample as bad:
             faults.append((index + 1, bad.sample_id, bad.path, bad.reason))
     if records:
@@ -330,8 +401,14 @@ def _drop_duplicates_and_missing(
     if duplicate.any():
         first_line = dict(zip(samples["id"][~duplicate], samples["line"][~duplicate], strict=True))
         for line, sample_id in samples.loc[duplicate, ["line", "id"]].itertuples(index=False):
-            faults.append((line, sample_id, str(path),
-                           f"line {line}: duplicate id {sample_id!r} (first on line {first_line[sample_id]})"))
+            faults.append(
+                (
+                    line,
+                    sample_id,
+                    str(path),
+                    f"line {line}: duplicate id {sample_id!r} (first on line {first_line[sample_id]})",
+                )
+            )
         samples = samples[~duplicate]
     if image_root is not None:
         present = np.array([(image_root / name).is_file() for name in samples["image"]], dtype=bool)
@@ -342,8 +419,12 @@ def _drop_duplicates_and_missing(
     for line, sample_id, where, reason in sorted(faults, key=lambda fault: fault[0]):
         report.quarantine(sample_id or f"line {line}", where, reason)
     report.ok = len(samples)
-    return sample_table(samples["id"].array, samples["image"].array, samples["cls"].array,
-                        samples["unclear"].to_numpy(dtype=object)), report
+    return sample_table(
+        samples["id"].array,
+        samples["image"].array,
+        samples["cls"].array,
+        samples["unclear"].to_numpy(dtype=object),
+    ), report
 
 
 def read_unclear_ids(path: Path | str) -> set[str]:
@@ -366,7 +447,9 @@ def read_json(path: Path | str) -> Any:
 def ids_from_list(items: Any, path: Path | str) -> set[str]:
     """The ids of an upstream id list (``[{"answer": id}, ...]``) or a plain list of id strings."""
     if not isinstance(items, list):
-        raise BadSample(path, f"expected a JSON list of ids or {{'answer': id}} objects, got {type(items).__name__}")
+        raise BadSample(
+            path, f"expected a JSON list of ids or {{'answer': id}} objects, got {type(items).__name__}"
+        )
     ids = set()
     for index, item in enumerate(items):
         value = item.get("answer") if isinstance(item, dict) else item
@@ -475,8 +558,14 @@ def template_codes(rows: pd.DataFrame) -> tuple[list[tuple[str, str | None, bool
     codes, positions = np.unique((turns * len(QA_CLASSES) + cls) * 2 + label, return_inverse=True)
     keys = []
     for code in codes.tolist():
-        turn, cls_index, unclear = TURNS[code // (2 * len(QA_CLASSES))], (code // 2) % len(QA_CLASSES), code % 2
-        keys.append((turn, None if turn == "q0" else QA_CLASSES[cls_index], bool(unclear) if turn == "q1q6" else None))
+        turn, cls_index, unclear = (
+            TURNS[code // (2 * len(QA_CLASSES))],
+            (code // 2) % len(QA_CLASSES),
+            code % 2,
+        )
+        keys.append(
+            (turn, None if turn == "q0" else QA_CLASSES[cls_index], bool(unclear) if turn == "q1q6" else None)
+        )
     return keys, positions
 
 
@@ -495,8 +584,17 @@ def encode_rows(rows: pd.DataFrame, prompts: Prompts) -> list[str]:
         turns = conversation(prompts, *key)
         check_conversation(turns, prompts)
         conversations.append(dumps(turns))
-    return join_pieces(['{"id": ', json_strings(rows["id"]), ', "image": ', json_strings(rows["image"]),
-                        ', "conversations": ', pa.array(conversations, pa.string()).take(pa.array(codes)), "}"])
+    return join_pieces(
+        [
+            '{"id": ',
+            json_strings(rows["id"]),
+            ', "image": ',
+            json_strings(rows["image"]),
+            ', "conversations": ',
+            pa.array(conversations, pa.string()).take(pa.array(codes)),
+            "}",
+        ]
+    )
 
 
 def image_paths(images: pd.Series, image_root: Path | None) -> pa.Array:
@@ -515,18 +613,27 @@ def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> 
     keys, codes = template_codes(rows)
     messages = [chat_messages(prompts, *key) for key in keys]
     take = pa.array(codes)
-    return pa.table({
-        "id": string_array(rows["id"]),
-        "images": image_paths(rows["image"], image_root),
-        "prompt": pa.array([m[0] for m in messages], MESSAGES).take(take),
-        "completion": pa.array([m[1] for m in messages], MESSAGES).take(take),
-    })
+    return pa.table(
+        {
+            "id": string_array(rows["id"]),
+            "images": image_paths(rows["image"], image_root),
+            "prompt": pa.array([m[0] for m in messages], MESSAGES).take(take),
+            "completion": pa.array([m[1] for m in messages], MESSAGES).take(take),
+        }
+    )
 
 
 def internvl_meta(name: str, annotation: Path, image_root: Path | None, length: int) -> dict[str, Any]:
     """InternVL ``meta.json`` content for one JSONL (the keys its SFT and MPO loaders read)."""
-    return {name: {"root": str(image_root.resolve()) if image_root is not None else "", "annotation": str(annotation),
-                   "data_augment": False, "repeat_time": 1, "length": length}}
+    return {
+        name: {
+            "root": str(image_root.resolve()) if image_root is not None else "",
+            "annotation": str(annotation),
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": length,
+        }
+    }
 
 
 def meta_path(jsonl_path: Path) -> Path:
@@ -549,11 +656,18 @@ def write_sidecar_quarantine(out: Path, report: StageReport) -> Path | None:
     """``OUT.quarantine.jsonl`` listing every quarantined row, when there is one."""
     if not report.quarantined:
         return None
-    return write_jsonl_atomic(out.with_name(out.stem + ".quarantine.jsonl"), (asdict(q) for q in report.quarantined))
+    return write_jsonl_atomic(
+        out.with_name(out.stem + ".quarantine.jsonl"), (asdict(q) for q in report.quarantined)
+    )
 
 
 def build(
-    stage: str, source: Path, out: Path, *, unclear_ids: Path | None = None, cfg: CotConfig | None = None,
+    stage: str,
+    source: Path,
+    out: Path,
+    *,
+    unclear_ids: Path | None = None,
+    cfg: CotConfig | None = None,
     image_root: Path | None = None,
 ) -> StageReport:
     """Build one dataset file from Q1-format rows: the library call behind ``occ cot build``.
@@ -581,8 +695,9 @@ def build(
             table = drop_unlabelled(table, report, source)
         rows = build_rows(table, stage, cfg)
         check_rows(rows)
-        report.ok = write_dataset(out, encode_rows(rows, cfg.prompts), trl_table(rows, cfg.prompts, image_root),
-                                  image_root)
+        report.ok = write_dataset(
+            out, encode_rows(rows, cfg.prompts), trl_table(rows, cfg.prompts, image_root), image_root
+        )
         write_sidecar_quarantine(out, report)
     report.seconds = timer.seconds
     report.stage = f"cot-{stage}"
@@ -599,7 +714,6 @@ def turn_counts(rows: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-
 @click.group()
 def cli() -> None:
     """Build the method's chain-of-thought datasets (SFT1, SFT2, CoT, SC)."""
@@ -607,19 +721,44 @@ def cli() -> None:
 
 @cli.command("build")
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="which dataset to build")
-@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Q1-format rows {id, image, conversations}, one JSON object per line")
-@click.option("--unclear-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help='ids answered wrongly by the earlier checkpoint: [{"answer": id}, ...] or [id, ...]')
+@click.option(
+    "--source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Q1-format rows {id, image, conversations}, one JSON object per line",
+)
+@click.option(
+    "--unclear-ids",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='ids answered wrongly by the earlier checkpoint: [{"answer": id}, ...] or [id, ...]',
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="output JSONL")
-@click.option("--cot-fraction", type=float, default=CotConfig.model_fields["cot_fraction"].default,
-              show_default=True, help=field_help(CotConfig, "cot_fraction"))
+@click.option(
+    "--cot-fraction",
+    type=float,
+    default=CotConfig.model_fields["cot_fraction"].default,
+    show_default=True,
+    help=field_help(CotConfig, "cot_fraction"),
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=field_help(CotConfig, "seed"))
 @click.option("--limit", type=int, default=None, help=field_help(CotConfig, "limit"))
-@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="image folder: rows whose image is missing there are quarantined; written into meta.json")
-def build_command(stage: str, source: Path, unclear_ids: Path | None, out: Path, cot_fraction: float, seed: int,
-                  limit: int | None, image_root: Path | None) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="image folder: rows whose image is missing there are quarantined; written into meta.json",
+)
+def build_command(
+    stage: str,
+    source: Path,
+    unclear_ids: Path | None,
+    out: Path,
+    cot_fraction: float,
+    seed: int,
+    limit: int | None,
+    image_root: Path | None,
+) -> None:
     """Write OUT (JSONL), OUT.parquet (trl) and OUT.meta.json (InternVL) for one training stage."""
     cfg = CotConfig(cot_fraction=cot_fraction, seed=seed, limit=limit)
     try:

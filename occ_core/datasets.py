@@ -54,15 +54,24 @@ class DatasetsConfig(BaseModel):
     split: str = Field("train", description="split to turn into training data")
     grader: GraderConfig = Field(default_factory=GraderConfig, description="clarity grader and its threshold")
     predictions: Path | None = Field(
-        None, description="earlier checkpoint's Q1 answers {id: answer} or its wrong-id list (model-errors grader)"
+        None,
+        description="earlier checkpoint's Q1 answers {id: answer} or its wrong-id list (model-errors grader)",
     )
-    renders: Path | None = Field(None, description="folder of view-0 renders for the 3D-view rows; None skips them")
+    renders: Path | None = Field(
+        None, description="folder of view-0 renders for the 3D-view rows; None skips them"
+    )
     cot_fraction: float = Field(0.25, ge=0.0, le=1.0, description=field_help(CotConfig, "cot_fraction"))
-    sc_limit: int | None = Field(None, ge=1, description="rows of the SC dataset (upstream: 101); None keeps all")
+    sc_limit: int | None = Field(
+        None, ge=1, description="rows of the SC dataset (upstream: 101); None keeps all"
+    )
     balance: bool = Field(True, description=field_help(BalanceConfig, "balance"))
     stratify: bool = Field(False, description=field_help(BalanceConfig, "stratify"))
-    seed: int = Field(0, description="seed of every random choice (CoT rows, balancing); part of the stage key")
-    prompts: Prompts = Field(default_factory=Prompts, description="question strings and their upstream variants")
+    seed: int = Field(
+        0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
+    )
+    prompts: Prompts = Field(
+        default_factory=Prompts, description="question strings and their upstream variants"
+    )
     shard_size: int = Field(1000, ge=1, description="samples read per task; does not change the outputs")
 
     def cot_config(self, limit: int | None = None) -> CotConfig:
@@ -174,8 +183,9 @@ def scan_shard(root: Path, split: str, ids: tuple[str, ...]) -> ScanResult:
             rows.append((sample_id, image, cls, visibility))
     report.ok, report.seconds = len(rows), timer.seconds
     table = pd.DataFrame(rows, columns=["id", "image", "cls", "visibility"])
-    return ScanResult(table.astype({"id": "string", "image": "string", "cls": "string", "visibility": float}),
-                      report)
+    return ScanResult(
+        table.astype({"id": "string", "image": "string", "cls": "string", "visibility": float}), report
+    )
 
 
 def _samples_table(scans: list[ScanResult]) -> pd.DataFrame:
@@ -187,8 +197,12 @@ def _samples_table(scans: list[ScanResult]) -> pd.DataFrame:
 
 def _write(out_dir: Path, name: str, rows: pd.DataFrame, prompts: Prompts, image_root: Path) -> int:
     cot.check_rows(rows)
-    return cot.write_dataset(out_dir / f"{name}.jsonl", cot.encode_rows(rows, prompts),
-                             cot.trl_table(rows, prompts, image_root), image_root)
+    return cot.write_dataset(
+        out_dir / f"{name}.jsonl",
+        cot.encode_rows(rows, prompts),
+        cot.trl_table(rows, prompts, image_root),
+        image_root,
+    )
 
 
 def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResult]) -> dict[str, Any]:
@@ -206,8 +220,9 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         table = _samples_table(scans)
         errors, errors_info = None, None
         if cfg.predictions is not None:
-            errors, errors_info = occlusion.model_errors(cfg.predictions, table["id"].to_numpy(dtype=object),
-                                                         table["cls"].to_numpy(dtype=object))
+            errors, errors_info = occlusion.model_errors(
+                cfg.predictions, table["id"].to_numpy(dtype=object), table["cls"].to_numpy(dtype=object)
+            )
         try:
             grading = occlusion.grade(table["visibility"].to_numpy(dtype=float), errors, cfg.grader)
         except ValueError as exc:
@@ -225,18 +240,23 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
             "sft2": _write(out, "sft2", cot.build_rows(table, "sft2"), prompts, image_root),
         }
         if cfg.balance:
-            rows["sft2_balanced"] = _write(out, "sft2_balanced", cot.build_rows(balanced, "sft2"), prompts, image_root)
+            rows["sft2_balanced"] = _write(
+                out, "sft2_balanced", cot.build_rows(balanced, "sft2"), prompts, image_root
+            )
         cot_rows = cot.build_rows(balanced, "cot", cfg.cot_config())
         rows["cot"] = _write(out, "cot", cot_rows, prompts, image_root)
-        rows["sc"] = _write(out, "sc", cot.build_rows(table, "sc", cfg.cot_config(cfg.sc_limit)), prompts, image_root)
+        rows["sc"] = _write(
+            out, "sc", cot.build_rows(table, "sc", cfg.cot_config(cfg.sc_limit)), prompts, image_root
+        )
         rows["pairs"] = preference.write_pairs(out / "pairs.jsonl", balanced, prompts, image_root)
         renders_missing = None
         if cfg.renders is not None:
             view_rows = cot.view3d_rows(table, cfg.split)
             present = np.array([(cfg.renders / name).is_file() for name in view_rows["image"]], dtype=bool)
             renders_missing = int((~present).sum())
-            rows["view3d"] = _write(out, "view3d", view_rows[present].reset_index(drop=True), prompts,
-                                    Path(cfg.renders))
+            rows["view3d"] = _write(
+                out, "view3d", view_rows[present].reset_index(drop=True), prompts, Path(cfg.renders)
+            )
         report.write_quarantine(out)
     labels = {"final": grading.unclear}
     if grading.model_error is not None:
@@ -245,19 +265,27 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         labels["visibility"] = grading.visibility_unclear
     both = grading.model_error is not None and grading.visibility_unclear is not None
     summary = {
-        "stage": STAGE, "key": plan.key, "out_dir": str(out), "split": cfg.split,
-        "samples": len(table), "quarantined": len(report.quarantined),
+        "stage": STAGE,
+        "key": plan.key,
+        "out_dir": str(out),
+        "split": cfg.split,
+        "samples": len(table),
+        "quarantined": len(report.quarantined),
         "quarantine_reasons": _reason_counts(report),
-        "grader": cfg.grader.name, "threshold": None if grading.threshold is None else round(grading.threshold, 4),
+        "grader": cfg.grader.name,
+        "threshold": None if grading.threshold is None else round(grading.threshold, 4),
         "threshold_source": grading.threshold_source,
-        "unclear": int(grading.unclear.sum()), "unclear_rate": round(float(grading.unclear.mean()), 4),
+        "unclear": int(grading.unclear.sum()),
+        "unclear_rate": round(float(grading.unclear.mean()), 4),
         "model_errors": errors_info,
         "agreement": occlusion.agreement(grading.model_error, grading.visibility_unclear) if both else None,
         "unclear_by_class": occlusion.unclear_rates(table["cls"].to_numpy(dtype=object), labels),
         "balance": preference.balance_stats(table, balanced),
         "cot_rows": int((cot_rows["turns"] == "q0").sum()),
-        "rows": rows, "renders_missing": renders_missing,
-        "seconds": round(timer.seconds + report.seconds, 3), "cached": False,
+        "rows": rows,
+        "renders_missing": renders_missing,
+        "seconds": round(timer.seconds + report.seconds, 3),
+        "cached": False,
     }
     write_json_atomic(out / SUMMARY, summary)
     return summary
@@ -284,7 +312,8 @@ def run(cfg: DatasetsConfig, settings: Settings | None = None) -> dict[str, Any]
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The statistics of a run as short text lines, for a terminal or a flow log."""
     lines = [
-        f"datasets {summary['key']} ({'cached' if summary['cached'] else 'built'}): {summary['samples']} samples, "
+        f"datasets {summary['key']} ({'cached' if summary['cached'] else 'built'}): "
+        f"{summary['samples']} samples, "
         f"{summary['quarantined']} quarantined, split {summary['split']} -> {summary['out_dir']}",
         f"grader {summary['grader']}: {summary['unclear']} unclear ({summary['unclear_rate']:.1%}), "
         f"threshold {summary['threshold']} ({summary['threshold_source']})",
@@ -292,41 +321,93 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     ]
     if summary["agreement"]:
         a = summary["agreement"]
-        lines.append(f"grader agreement (model-errors vs visibility): {a['agreement']:.1%}, kappa {a['kappa']}")
+        lines.append(
+            f"grader agreement (model-errors vs visibility): {a['agreement']:.1%}, kappa {a['kappa']}"
+        )
     for row in summary["unclear_by_class"]:
-        rates = ", ".join(f"{k.removesuffix('_unclear_rate')} {v:.1%}" for k, v in row.items()
-                          if k.endswith("_unclear_rate") and v is not None)
+        rates = ", ".join(
+            f"{k.removesuffix('_unclear_rate')} {v:.1%}"
+            for k, v in row.items()
+            if k.endswith("_unclear_rate") and v is not None
+        )
         lines.append(f"  {row['class']:<10} {row['samples']:>7} samples; unclear: {rates or '-'}")
     total = summary["balance"][-1]
-    lines.append(f"balance: yes/no {total['yes_before']}/{total['no_before']} -> {total['yes_after']}/{total['no_after']}")
+    lines.append(
+        f"balance: yes/no {total['yes_before']}/{total['no_before']} "
+        f"-> {total['yes_after']}/{total['no_after']}"
+    )
     return lines
 
 
 @click.command()
-@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help=field_help(DatasetsConfig, "root"))
+@click.option(
+    "--root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help=field_help(DatasetsConfig, "root"),
+)
 @click.option("--split", default="train", show_default=True, help=field_help(DatasetsConfig, "split"))
-@click.option("--grader", type=click.Choice(occlusion.GRADERS), default="visibility", show_default=True,
-              help=field_help(GraderConfig, "name"))
+@click.option(
+    "--grader",
+    type=click.Choice(occlusion.GRADERS),
+    default="visibility",
+    show_default=True,
+    help=field_help(GraderConfig, "name"),
+)
 @click.option("--threshold", type=float, default=None, help=field_help(GraderConfig, "threshold"))
-@click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help=field_help(DatasetsConfig, "predictions"))
-@click.option("--renders", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help=field_help(DatasetsConfig, "renders"))
-@click.option("--cot-fraction", type=float, default=0.25, show_default=True,
-              help=field_help(DatasetsConfig, "cot_fraction"))
+@click.option(
+    "--predictions",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help=field_help(DatasetsConfig, "predictions"),
+)
+@click.option(
+    "--renders",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help=field_help(DatasetsConfig, "renders"),
+)
+@click.option(
+    "--cot-fraction",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help=field_help(DatasetsConfig, "cot_fraction"),
+)
 @click.option("--sc-limit", type=int, default=None, help=field_help(DatasetsConfig, "sc_limit"))
-@click.option("--balance/--no-balance", default=True, show_default=True, help=field_help(DatasetsConfig, "balance"))
-@click.option("--stratify/--no-stratify", default=False, show_default=True,
-              help=field_help(DatasetsConfig, "stratify"))
+@click.option(
+    "--balance/--no-balance", default=True, show_default=True, help=field_help(DatasetsConfig, "balance")
+)
+@click.option(
+    "--stratify/--no-stratify", default=False, show_default=True, help=field_help(DatasetsConfig, "stratify")
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=field_help(DatasetsConfig, "seed"))
-def cli(root: Path, split: str, grader: str, threshold: float | None, predictions: Path | None,
-        renders: Path | None, cot_fraction: float, sc_limit: int | None, balance: bool, stratify: bool,
-        seed: int) -> None:
+def cli(
+    root: Path,
+    split: str,
+    grader: str,
+    threshold: float | None,
+    predictions: Path | None,
+    renders: Path | None,
+    cot_fraction: float,
+    sc_limit: int | None,
+    balance: bool,
+    stratify: bool,
+    seed: int,
+) -> None:
     """Build every training dataset of one ObMan split and print the statistics."""
-    cfg = DatasetsConfig(root=root, split=split, grader=GraderConfig(name=grader, threshold=threshold),
-                         predictions=predictions, renders=renders, cot_fraction=cot_fraction, sc_limit=sc_limit,
-                         balance=balance, stratify=stratify, seed=seed)
+    cfg = DatasetsConfig(
+        root=root,
+        split=split,
+        grader=GraderConfig(name=grader, threshold=threshold),
+        predictions=predictions,
+        renders=renders,
+        cot_fraction=cot_fraction,
+        sc_limit=sc_limit,
+        balance=balance,
+        stratify=stratify,
+        seed=seed,
+    )
     try:
         summary = run(cfg)
     except (StageError, BadSample) as exc:

@@ -66,13 +66,19 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | BadSamp
             try:
                 row = json.loads(raw.rstrip(b"\r\n"))
             except json.JSONDecodeError as exc:
-                yield number, BadSample(path, f"line {number}: malformed JSON ({exc.msg} at column {exc.colno})")
+                yield (
+                    number,
+                    BadSample(path, f"line {number}: malformed JSON ({exc.msg} at column {exc.colno})"),
+                )
                 continue
             except UnicodeDecodeError:
                 yield number, BadSample(path, f"line {number}: not valid UTF-8")
                 continue
             if not isinstance(row, dict):
-                yield number, BadSample(path, f"line {number}: expected a JSON object, got {type(row).__name__}")
+                yield (
+                    number,
+                    BadSample(path, f"line {number}: expected a JSON object, got {type(row).__name__}"),
+                )
                 continue
             yield number, row
 

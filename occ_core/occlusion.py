@@ -60,12 +60,16 @@ class GraderConfig(BaseModel):
         "visibility", description="grader: model-errors (the method's), visibility (segm masks) or combined"
     )
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0,
+        None,
+        ge=0.0,
+        le=1.0,
         description="visible share of the object below which an image is unclear; None: calibrated on model "
         "errors when available, else the quantile giving the method's unclear rate",
     )
     target_unclear_rate: float = Field(
-        METHOD_UNCLEAR_RATE, gt=0.0, lt=1.0,
+        METHOD_UNCLEAR_RATE,
+        gt=0.0,
+        lt=1.0,
         description="unclear share the default threshold reproduces (method: 30,202 / 104,671 = 28.85%)",
     )
     combine: Literal["any", "all"] = Field(
@@ -163,8 +167,14 @@ def choose_threshold(
     rate = (tpr * len(wrong) + fpr * len(right)) / len(visibility)
     youden = tpr - fpr
     table = [
-        {"threshold": round(float(t), 4), "unclear_rate": round(float(r), 4), "tpr": round(float(a), 4),
-         "fpr": round(float(b), 4), "youden_j": round(float(j), 4), "balanced_accuracy": round(float(0.5 + j / 2), 4)}
+        {
+            "threshold": round(float(t), 4),
+            "unclear_rate": round(float(r), 4),
+            "tpr": round(float(a), 4),
+            "fpr": round(float(b), 4),
+            "youden_j": round(float(j), 4),
+            "balanced_accuracy": round(float(0.5 + j / 2), 4),
+        }
         for t, r, a, b, j in zip(candidates, rate, tpr, fpr, youden, strict=True)
     ]
     return float(candidates[int(np.argmax(youden))]), table
@@ -219,9 +229,15 @@ def agreement(first: np.ndarray, second: np.ndarray) -> dict[str, float | int]:
     agree = float(np.mean(first == second)) if n else 0.0
     chance = float(first.mean() * second.mean() + (1 - first.mean()) * (1 - second.mean())) if n else 0.0
     kappa = (agree - chance) / (1 - chance) if chance < 1 else 1.0
-    return {"samples": n, "agreement": round(agree, 4), "kappa": round(kappa, 4),
-            "both_unclear": int(np.sum(first & second)), "only_first": int(np.sum(first & ~second)),
-            "only_second": int(np.sum(~first & second)), "both_clear": int(np.sum(~first & ~second))}
+    return {
+        "samples": n,
+        "agreement": round(agree, 4),
+        "kappa": round(kappa, 4),
+        "both_unclear": int(np.sum(first & second)),
+        "only_first": int(np.sum(first & ~second)),
+        "only_second": int(np.sum(~first & second)),
+        "both_clear": int(np.sum(~first & ~second)),
+    }
 
 
 def unclear_rates(classes: np.ndarray, labels: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -240,7 +256,9 @@ def unclear_rates(classes: np.ndarray, labels: dict[str, np.ndarray]) -> list[di
 def calibrate(samples: Path, predictions: Path) -> tuple[float, list[dict[str, float]]]:
     """Threshold that best predicts a checkpoint's Q1 errors, from a datasets-stage ``samples.parquet``."""
     table = pd.read_parquet(samples, columns=["id", "cls", "visibility"]).dropna(subset=["visibility"])
-    errors, _ = model_errors(predictions, table["id"].to_numpy(dtype=object), table["cls"].to_numpy(dtype=object))
+    errors, _ = model_errors(
+        predictions, table["id"].to_numpy(dtype=object), table["cls"].to_numpy(dtype=object)
+    )
     return choose_threshold(table["visibility"].to_numpy(dtype=float), errors)
 
 
@@ -250,10 +268,18 @@ def cli() -> None:
 
 
 @cli.command("calibrate")
-@click.option("--samples", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="samples.parquet of a datasets stage run (id, cls, visibility)")
-@click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="{id: answer} predictions of an earlier checkpoint, or the list of ids it got wrong")
+@click.option(
+    "--samples",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="samples.parquet of a datasets stage run (id, cls, visibility)",
+)
+@click.option(
+    "--predictions",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="{id: answer} predictions of an earlier checkpoint, or the list of ids it got wrong",
+)
 def calibrate_command(samples: Path, predictions: Path) -> None:
     """Print the best threshold and the table it was chosen from (one JSON object per line)."""
     threshold, table = calibrate(samples, predictions)

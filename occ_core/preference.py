@@ -54,8 +54,12 @@ class BalanceConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    balance: bool = Field(True, description="downsample the majority clarity label to the minority (the method's rule)")
-    stratify: bool = Field(False, description="draw the kept majority rows per class, so rare classes are kept")
+    balance: bool = Field(
+        True, description="downsample the majority clarity label to the minority (the method's rule)"
+    )
+    stratify: bool = Field(
+        False, description="draw the kept majority rows per class, so rare classes are kept"
+    )
     seed: int = Field(0, description="seed of the balancing draw and shuffle; part of the stage key")
 
 
@@ -122,8 +126,16 @@ def label_counts(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
 def balance_stats(before: pd.DataFrame, after: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows per class and clarity answer before and after balancing, plus a total row."""
     first, second = label_counts(before), label_counts(after)
-    rows = [{"class": cls, "yes_before": first[cls][0], "no_before": first[cls][1],
-             "yes_after": second[cls][0], "no_after": second[cls][1]} for cls in QA_CLASSES]
+    rows = [
+        {
+            "class": cls,
+            "yes_before": first[cls][0],
+            "no_before": first[cls][1],
+            "yes_after": second[cls][0],
+            "no_after": second[cls][1],
+        }
+        for cls in QA_CLASSES
+    ]
     rows.append({key: ("total" if key == "class" else sum(r[key] for r in rows)) for key in rows[0]})
     return rows
 
@@ -135,8 +147,10 @@ def _pair_answers(unclear: bool) -> tuple[str, str]:
 def encode_pairs(table: pd.DataFrame, prompts: Prompts) -> list[str]:
     """JSONL pair lines ``{"image", "question", "chosen", "rejected"}``, byte-identical to ``jsonl.dumps``."""
     question = dumps(prompts.pair_question())
-    tails = [f', "question": {question}, "chosen": {dumps(chosen)}, "rejected": {dumps(rejected)}}}'
-             for chosen, rejected in (_pair_answers(False), _pair_answers(True))]
+    tails = [
+        f', "question": {question}, "chosen": {dumps(chosen)}, "rejected": {dumps(rejected)}}}'
+        for chosen, rejected in (_pair_answers(False), _pair_answers(True))
+    ]
     labels = pa.array(table["unclear"].to_numpy(dtype=bool).astype(np.int64))
     return join_pieces(['{"image": ', json_strings(table["image"]), pa.array(tails).take(labels)])
 
@@ -147,13 +161,15 @@ def pairs_trl_table(table: pd.DataFrame, prompts: Prompts, image_root: Path | No
     prompt = [{"role": "user", "content": prompts.q6}]
     answers = [[{"role": "assistant", "content": a}] for a in (YES, NO)]
     by_label = pa.array(unclear.astype(np.int64))
-    return pa.table({
-        "id": string_array(table["id"]),
-        "images": image_paths(table["image"], image_root),
-        "prompt": pa.array([prompt], MESSAGES).take(pa.array(np.zeros(len(table), dtype=np.int64))),
-        "chosen": pa.array(answers, MESSAGES).take(by_label),
-        "rejected": pa.array(answers[::-1], MESSAGES).take(by_label),
-    })
+    return pa.table(
+        {
+            "id": string_array(table["id"]),
+            "images": image_paths(table["image"], image_root),
+            "prompt": pa.array([prompt], MESSAGES).take(pa.array(np.zeros(len(table), dtype=np.int64))),
+            "chosen": pa.array(answers, MESSAGES).take(by_label),
+            "rejected": pa.array(answers[::-1], MESSAGES).take(by_label),
+        }
+    )
 
 
 def write_pairs(out: Path, table: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> int:
@@ -161,14 +177,21 @@ def write_pairs(out: Path, table: pd.DataFrame, prompts: Prompts, image_root: Pa
     check_rows(table)
     if table["unclear"].isna().any():
         raise StageError("every pair needs a clarity label")
-    return write_dataset(out, encode_pairs(table, prompts), pairs_trl_table(table, prompts, image_root), image_root)
+    return write_dataset(
+        out, encode_pairs(table, prompts), pairs_trl_table(table, prompts, image_root), image_root
+    )
 
 
 def build(
-    source: Path, out: Path, cfg: BalanceConfig | None = None, *, prompts: Prompts | None = None,
+    source: Path,
+    out: Path,
+    cfg: BalanceConfig | None = None,
+    *,
+    prompts: Prompts | None = None,
     image_root: Path | None = None,
 ) -> StageReport:
-    """Pairs from SFT2 rows, balanced first unless ``cfg.balance`` is off: the call behind ``occ pairs build``.
+    """Pairs from SFT2 rows, balanced first unless ``cfg.balance`` is off (the call behind
+    ``occ pairs build``).
 
     Rows without a Q6 turn answered ``Yes.``/``No.`` are quarantined (upstream skipped them silently).
     """
@@ -180,8 +203,11 @@ def build(
         report.ok = write_pairs(out, balanced, prompts, image_root)
         write_sidecar_quarantine(out, report)
     report.stage, report.seconds = "pairs", timer.seconds
-    report.extra.update(rows_before=len(table), chosen_no=int(balanced["unclear"].sum()),
-                        chosen_yes=int((~balanced["unclear"].to_numpy(dtype=bool)).sum()))
+    report.extra.update(
+        rows_before=len(table),
+        chosen_no=int(balanced["unclear"].sum()),
+        chosen_yes=int((~balanced["unclear"].to_numpy(dtype=bool)).sum()),
+    )
     report.extra["balance"] = balance_stats(table, balanced)
     return report
 
@@ -192,18 +218,35 @@ def cli() -> None:
 
 
 @cli.command("build")
-@click.option("--source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="SFT2 rows: Q1, its answer, Q6 and Yes./No.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="output pairs JSONL")
-@click.option("--balance/--no-balance", default=True, show_default=True, help=field_help(BalanceConfig, "balance"))
+@click.option(
+    "--source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="SFT2 rows: Q1, its answer, Q6 and Yes./No.",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="output pairs JSONL"
+)
+@click.option(
+    "--balance/--no-balance", default=True, show_default=True, help=field_help(BalanceConfig, "balance")
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=field_help(BalanceConfig, "seed"))
-@click.option("--stratify/--no-stratify", default=False, show_default=True,
-              help=field_help(BalanceConfig, "stratify"))
-@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="image folder: rows whose image is missing there are quarantined; written into meta.json")
-def build_command(source: Path, out: Path, balance: bool, seed: int, stratify: bool, image_root: Path | None) -> None:
+@click.option(
+    "--stratify/--no-stratify", default=False, show_default=True, help=field_help(BalanceConfig, "stratify")
+)
+@click.option(
+    "--image-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="image folder: rows whose image is missing there are quarantined; written into meta.json",
+)
+def build_command(
+    source: Path, out: Path, balance: bool, seed: int, stratify: bool, image_root: Path | None
+) -> None:
     """Write OUT (pairs JSONL), OUT.parquet (trl) and OUT.meta.json (InternVL)."""
-    report = build(source, out, BalanceConfig(balance=balance, seed=seed, stratify=stratify), image_root=image_root)
+    report = build(
+        source, out, BalanceConfig(balance=balance, seed=seed, stratify=stratify), image_root=image_root
+    )
     stats = report.extra.pop("balance")
     click.echo(json.dumps(report.summary()))
     for row in stats:

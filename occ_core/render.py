@@ -504,7 +504,9 @@ def render_jobs(
             chunks = _split(jobs, cfg.processes * 4)
             try:
                 pool = _renderer_pool(cfg.processes)
-                reports = list(pool.map(_render_chunk, chunks, repeat(cfg), repeat(out_dir), repeat(overwrite)))
+                reports = list(
+                    pool.map(_render_chunk, chunks, repeat(cfg), repeat(out_dir), repeat(overwrite))
+                )
             except BrokenProcessPool as exc:
                 stop_renderer_processes()
                 raise StageError(
@@ -528,9 +530,7 @@ def sheet_rows(
     return complete_rows(candidates, limit)
 
 
-def complete_rows(
-    candidates: Iterable[tuple[Path, list[Path]]], limit: int
-) -> list[tuple[Path, list[Path]]]:
+def complete_rows(candidates: Iterable[tuple[Path, list[Path]]], limit: int) -> list[tuple[Path, list[Path]]]:
     """The first ``limit`` (photo, renders) rows whose renders all exist on disk."""
     rows: list[tuple[Path, list[Path]]] = []
     for photo, renders in candidates:
@@ -600,7 +600,6 @@ def read_jobs(path: Path) -> list[RenderJob]:
     return jobs
 
 
-
 @click.command("render")
 @click.option(
     "--jobs",
@@ -616,15 +615,28 @@ def read_jobs(path: Path) -> list[RenderJob]:
     required=True,
     help="Output directory for the PNGs, quarantine.jsonl and contact_sheet.png.",
 )
-@click.option("--size", type=int, default=OBMAN_SIZE, show_default=True, help=field_help(RenderConfig, "size"))
+@click.option(
+    "--size", type=int, default=OBMAN_SIZE, show_default=True, help=field_help(RenderConfig, "size")
+)
 @click.option("--views", type=int, default=8, show_default=True, help=field_help(RenderConfig, "views"))
 @click.option(
-    "--elevations", default="30,-30", show_default=True, help=field_help(RenderConfig, "elevations_deg") + " (comma-separated)"
+    "--elevations",
+    default="30,-30",
+    show_default=True,
+    help=field_help(RenderConfig, "elevations_deg") + " (comma-separated)",
 )
 @click.option("--backend", default="pyrender", show_default=True, help=field_help(RenderConfig, "backend"))
 @click.option("--processes", type=int, default=None, help=field_help(RenderConfig, "processes"))
-@click.option("--encode-threads", type=int, default=1, show_default=True, help=field_help(RenderConfig, "encode_threads"))
-@click.option("--png-level", type=int, default=1, show_default=True, help=field_help(RenderConfig, "png_level"))
+@click.option(
+    "--encode-threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help=field_help(RenderConfig, "encode_threads"),
+)
+@click.option(
+    "--png-level", type=int, default=1, show_default=True, help=field_help(RenderConfig, "png_level")
+)
 @click.option(
     "--sheet-samples", type=int, default=6, show_default=True, help="Samples in the contact sheet (0: none)."
 )

@@ -172,7 +172,7 @@ class S3Server:
                     os.environ[name] = value
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server process (kill it if it does not stop within ``timeout`` seconds), drop its log."""
+        """Terminate the server process (kill it after ``timeout`` seconds), drop its log."""
         if self.process.poll() is None:
             self.process.terminate()
             try:

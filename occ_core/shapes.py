@@ -47,7 +47,7 @@ def _resample(profile: np.ndarray, step: float) -> np.ndarray:
 
 
 def revolved(profile: list[tuple[float, float]], sections: int = 48) -> trimesh.Trimesh:
-    """Closed surface of revolution about +Y of a (radius, height) profile that starts and ends on the axis."""
+    """Closed surface of revolution about +Y of a (radius, height) profile starting and ending on the axis."""
     line = _resample(np.asarray(profile, dtype=np.float64), _RESOLUTION)
     mesh = trimesh.creation.revolve(line, sections=sections)
     mesh.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0]))  # +Z up -> +Y up

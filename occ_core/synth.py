@@ -693,11 +693,14 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help=field_help(SynthConfig, "out"))
 @click.option(
-    "--n", type=int, default=SynthConfig.model_fields["n"].default, show_default=True, help=field_help(SynthConfig, "n")
+    "--n",
+    type=int,
+    default=SynthConfig.model_fields["n"].default,
+    show_default=True,
+    help=field_help(SynthConfig, "n"),
 )
 @click.option(
     "--seed",
@@ -707,7 +710,9 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     help=field_help(SynthConfig, "seed"),
 )
 @click.option("--splits", default=",".join(obman.SPLITS), show_default=True, help="comma-separated splits")
-@click.option("--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES, half the CPUs)")
+@click.option(
+    "--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES, half the CPUs)"
+)
 @click.option("--class-weights", default=None, help="e.g. jar=2720,bottle=2390 (default: the 10K priors)")
 def cli(out: Path, n: int, seed: int, splits: str, processes: int | None, class_weights: str | None) -> None:
     """Generate a synthetic ObMan-format dataset."""

@@ -35,23 +35,41 @@ def plan_datasets(cfg: DatasetsConfig) -> DatasetsPlan:
     return datasets.plan(cfg)
 
 
-@task(name="scan-shard", task_run_name="scan-shard-{index}", cache_policy=CacheKeyFnPolicy(cache_key_fn=_scan_key),
-      persist_result=True, tags=["cpu"])
+@task(
+    name="scan-shard",
+    task_run_name="scan-shard-{index}",
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_scan_key),
+    persist_result=True,
+    tags=["cpu"],
+)
 def scan_shard(plan: DatasetsPlan, index: int, cfg: DatasetsConfig) -> ScanResult:
     """Class and visible share of every sample of one shard; bad samples quarantined."""
     return datasets.scan_shard(cfg.root, cfg.split, plan.shards[index])
 
 
-@task(name="build-datasets", cache_policy=CacheKeyFnPolicy(cache_key_fn=_outputs_key), persist_result=True,
-      tags=["cpu"])
+@task(
+    name="build-datasets",
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_outputs_key),
+    persist_result=True,
+    tags=["cpu"],
+)
 def build_datasets(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResult]) -> dict[str, Any]:
     """Grade, write every dataset, and publish the statistics as table artifacts."""
     summary = datasets.build_outputs(cfg, plan, scans)
-    create_table_artifact(key="datasets-unclear-by-class", table=summary["unclear_by_class"],
-                          description=f"Unclear rate per class, grader {summary['grader']}")
-    create_table_artifact(key="datasets-balance", table=summary["balance"],
-                          description="Clarity labels per class before and after balancing")
+    create_table_artifact(
+        key="datasets-unclear-by-class",
+        table=summary["unclear_by_class"],
+        description=f"Unclear rate per class, grader {summary['grader']}",
+    )
+    create_table_artifact(
+        key="datasets-balance",
+        table=summary["balance"],
+        description="Clarity labels per class before and after balancing",
+    )
     if summary["agreement"]:
-        create_table_artifact(key="datasets-grader-agreement", table=[summary["agreement"]],
-                              description="model-errors (first) against visibility (second)")
+        create_table_artifact(
+            key="datasets-grader-agreement",
+            table=[summary["agreement"]],
+            description="model-errors (first) against visibility (second)",
+        )
     return summary

@@ -3,9 +3,9 @@
 A shard task is cached on its stage key (the content of its input files, the backend and its settings,
 the render settings, the code version) and the views directory: an unchanged re-run renders nothing.
 The flow runs a shard whose outputs are gone (no marker in the views directory) with
-``refresh_cache=True``, so a deleted output is rendered again rather than served from the cache. Bad samples never fail a task
-(they are quarantined); a whole-shard failure is retried unless it is a configuration or availability
-error (StageError), which a retry cannot fix.
+``refresh_cache=True``, so a deleted output is rendered again rather than served from the cache. Bad
+samples never fail a task (they are quarantined); a whole-shard failure is retried unless it is a
+configuration or availability error (StageError), which a retry cannot fix.
 """
 
 from __future__ import annotations

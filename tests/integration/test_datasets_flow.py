@@ -1,4 +1,5 @@
-"""The datasets stage on real synthetic ObMan data: the Prefect flow, its cache, bad samples, graders, renders.
+"""The datasets stage on real synthetic ObMan data: the Prefect flow, its cache, bad samples, graders,
+renders.
 
 Run: .venv/bin/python -m pytest tests/integration/test_datasets_flow.py -q
 """
@@ -30,7 +31,6 @@ def train_copy(tmp_path, tiny_obman):
     return tmp_path / "obman"
 
 
-
 def test_flow_writes_every_dataset_and_rebuilds_from_cached_scans(prefect_harness, tiny_obman, occ_home):
     from prefect.artifacts import Artifact
 
@@ -41,7 +41,11 @@ def test_flow_writes_every_dataset_and_rebuilds_from_cached_scans(prefect_harnes
     out = datasets.plan(cfg).out_dir
     assert summary["samples"] == 5 and set(summary["rows"]) == set(DATASETS)
     for name in DATASETS:
-        assert {p.name for p in out.glob(f"{name}.*")} == {f"{name}.jsonl", f"{name}.parquet", f"{name}.meta.json"}
+        assert {p.name for p in out.glob(f"{name}.*")} == {
+            f"{name}.jsonl",
+            f"{name}.parquet",
+            f"{name}.meta.json",
+        }
     assert Artifact.get("datasets-unclear-by-class") is not None
     first = (out / "pairs.jsonl").read_bytes()
 
@@ -68,7 +72,9 @@ def test_bad_samples_are_quarantined_and_the_rest_goes_on(train_copy, occ_home):
     assert (summary["samples"], summary["quarantined"]) == (3, 2)
     quarantine = [json.loads(x) for x in (occ_home / "datasets" / summary["key"] / "quarantine.jsonl").open()]
     assert {q["sample_id"]: q["path"] for q in quarantine} == {
-        refs[0].sample_id: str(refs[0].segm_path), refs[1].sample_id: str(refs[1].rgb_path)}
+        refs[0].sample_id: str(refs[0].segm_path),
+        refs[1].sample_id: str(refs[1].rgb_path),
+    }
     assert summary["rows"]["sft1"] == 3
 
 
@@ -76,7 +82,9 @@ def test_renders_give_q1_rows_on_the_view0_image(tmp_path, tiny_obman, occ_home)
     refs = obman.list_samples(tiny_obman, "train")
     (tmp_path / "views").mkdir()
     for ref in refs[:2]:
-        Image.new("RGB", (8, 8)).save(tmp_path / "views" / view_filename(ref.sample_id, "train", 0), format="PNG")
+        Image.new("RGB", (8, 8)).save(
+            tmp_path / "views" / view_filename(ref.sample_id, "train", 0), format="PNG"
+        )
     summary = datasets.run(DatasetsConfig(root=tiny_obman, renders=tmp_path / "views"))
     assert (summary["rows"]["view3d"], summary["renders_missing"]) == (2, 3)
     rows = [json.loads(x) for x in (occ_home / "datasets" / summary["key"] / "view3d.jsonl").open()]
@@ -89,10 +97,14 @@ def test_model_errors_grader_labels_the_wrong_answers_and_reports_agreement(tmp_
     wrong = [refs[0].sample_id, refs[3].sample_id]
     answers = {i: "The object is can." if i in wrong else f"The object is {c}." for i, c in classes.items()}
     (tmp_path / "pred.json").write_text(json.dumps(answers))
-    summary = datasets.run(DatasetsConfig(root=tiny_obman, grader=GraderConfig(name="model-errors"),
-                                          predictions=tmp_path / "pred.json"))
+    summary = datasets.run(
+        DatasetsConfig(
+            root=tiny_obman, grader=GraderConfig(name="model-errors"), predictions=tmp_path / "pred.json"
+        )
+    )
     table = pd.read_parquet(occ_home / "datasets" / summary["key"] / "samples.parquet")
     assert sorted(table["id"][table["unclear"]]) == sorted(wrong)
     assert summary["agreement"]["samples"] == 5
     assert {"final_unclear_rate", "model_errors_unclear_rate", "visibility_unclear_rate"} <= set(
-        summary["unclear_by_class"][-1])
+        summary["unclear_by_class"][-1]
+    )

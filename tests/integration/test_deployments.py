@@ -86,7 +86,9 @@ def prefect_server(tmp_path_factory):
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -126,7 +128,14 @@ def test_deployment_run_from_cli_completes_on_a_process_worker(deployed, tiny_ob
         params = json.dumps({"params": {"root": str(tiny_obman), "split": "train"}})
         run = _prefect(
             deployed,
-            "deployment", "run", "datasets/build", "--params", params, "--watch", "--watch-timeout", "400",
+            "deployment",
+            "run",
+            "datasets/build",
+            "--params",
+            params,
+            "--watch",
+            "--watch-timeout",
+            "400",
             timeout=450,
         )
     finally:

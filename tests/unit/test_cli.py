@@ -1,4 +1,5 @@
-"""The occ dispatcher: every stage listed, stage modules loaded only when called, bad values as usage errors."""
+"""The occ dispatcher: every stage listed, stage modules loaded only when called, bad values as usage
+errors."""
 
 from __future__ import annotations
 

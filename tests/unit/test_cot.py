@@ -20,21 +20,32 @@ from occ_core.jsonl import dumps
 
 
 def q1_line(sample_id: str, cls: str) -> str:
-    return dumps({"id": sample_id, "image": f"{sample_id}.jpg", "conversations": [
-        {"from": "human", "value": "What's the object in the hand?\n<image>"},
-        {"from": "gpt", "value": f"The object is {cls}."}]})
+    return dumps(
+        {
+            "id": sample_id,
+            "image": f"{sample_id}.jpg",
+            "conversations": [
+                {"from": "human", "value": "What's the object in the hand?\n<image>"},
+                {"from": "gpt", "value": f"The object is {cls}."},
+            ],
+        }
+    )
 
 
 @pytest.fixture
 def q1_file(tmp_path):
     path = tmp_path / "q1.jsonl"
-    path.write_text("".join(q1_line(f"{i:08d}", c) + "\n" for i, c in enumerate(["jar", "bowl", "can", "knife"])))
+    path.write_text(
+        "".join(q1_line(f"{i:08d}", c) + "\n" for i, c in enumerate(["jar", "bowl", "can", "knife"]))
+    )
     return path
 
 
 def table_of(n: int, unclear_every: int = 4):
     ids = [f"{i:08d}" for i in range(n)]
-    return cot.sample_table(ids, [f"{i}.jpg" for i in ids], ["jar"] * n, [i % unclear_every == 0 for i in range(n)])
+    return cot.sample_table(
+        ids, [f"{i}.jpg" for i in ids], ["jar"] * n, [i % unclear_every == 0 for i in range(n)]
+    )
 
 
 def test_registry_holds_the_methods_exact_strings():
@@ -59,7 +70,10 @@ def test_image_token_follows_the_text_by_default_and_can_lead():
 
 def test_pair_question_ends_with_a_newline_unless_disabled():
     assert Prompts().pair_question() == "Is it clear to identify the object in the hand?\n"
-    assert Prompts(pair_question_newline=False).pair_question() == "Is it clear to identify the object in the hand?"
+    assert (
+        Prompts(pair_question_newline=False).pair_question()
+        == "Is it clear to identify the object in the hand?"
+    )
 
 
 def test_sft2_conversation_is_q1_answer_q6_clarity():
@@ -88,8 +102,14 @@ def test_read_rows_takes_the_clarity_label_from_an_sft2_row(tmp_path):
         ('{"id": "00000009", "image": ', "line 2: malformed JSON"),
         (q1_line("00000009", "mug"), "line 2: unknown class 'mug'"),
         (q1_line("00000001", "jar"), "line 2: duplicate id '00000001' (first on line 1)"),
-        (dumps({"id": "00000009", "image": "x.jpg", "conversations": []}), "line 2: 'conversations' must hold"),
-        (q1_line("00000009", "jar").replace("The object is jar.", "A jar."), "is not 'The object is <class>.'"),
+        (
+            dumps({"id": "00000009", "image": "x.jpg", "conversations": []}),
+            "line 2: 'conversations' must hold",
+        ),
+        (
+            q1_line("00000009", "jar").replace("The object is jar.", "A jar."),
+            "is not 'The object is <class>.'",
+        ),
     ],
 )
 def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path, line, reason):
@@ -161,7 +181,9 @@ def test_rows_whose_image_is_missing_are_quarantined(q1_file, tmp_path):
     assert {q.reason for q in report.quarantined} == {f"line {n}: missing image" for n in (2, 3, 4)}
 
 
-@pytest.mark.parametrize("content", ['[{"answer": "00000001"}, {"answer": "00000003"}]', '["00000001", "00000003"]'])
+@pytest.mark.parametrize(
+    "content", ['[{"answer": "00000001"}, {"answer": "00000003"}]', '["00000001", "00000003"]']
+)
 def test_unclear_ids_read_the_upstream_and_the_plain_list(tmp_path, content):
     (tmp_path / "ids.json").write_text(content)
     assert cot.read_unclear_ids(tmp_path / "ids.json") == {"00000001", "00000003"}
@@ -197,9 +219,16 @@ def test_limit_keeps_the_first_rows_in_order():
 def test_encoded_rows_are_the_json_of_each_row():
     rows = cot.build_rows(table_of(8), "cot", CotConfig(cot_fraction=0.5))
     prompts = Prompts()
-    expected = [dumps({"id": r.id, "image": r.image, "conversations": cot.conversation(prompts, r.turns, r.cls,
-                                                                                       r.unclear)})
-                for r in rows.itertuples()]
+    expected = [
+        dumps(
+            {
+                "id": r.id,
+                "image": r.image,
+                "conversations": cot.conversation(prompts, r.turns, r.cls, r.unclear),
+            }
+        )
+        for r in rows.itertuples()
+    ]
     assert list(cot.encode_rows(rows, prompts)) == expected
 
 
@@ -223,8 +252,21 @@ def test_trl_rows_put_the_last_answer_in_the_completion(tmp_path):
 def test_occ_cot_build_writes_jsonl_parquet_and_meta(tmp_path, q1_file):
     (tmp_path / "ids.json").write_text('[{"answer": "00000001"}]')
     out = tmp_path / "out" / "sft2.jsonl"
-    result = CliRunner().invoke(main, ["cot", "build", "--stage", "sft2", "--source", str(q1_file),
-                                       "--unclear-ids", str(tmp_path / "ids.json"), "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "cot",
+            "build",
+            "--stage",
+            "sft2",
+            "--source",
+            str(q1_file),
+            "--unclear-ids",
+            str(tmp_path / "ids.json"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     answers = [json.loads(line)["conversations"][3]["value"] for line in out.read_text().splitlines()]
     assert answers == ["Yes.", "No.", "Yes.", "Yes."]
@@ -233,7 +275,9 @@ def test_occ_cot_build_writes_jsonl_parquet_and_meta(tmp_path, q1_file):
 
 
 def test_occ_cot_build_sft2_without_any_label_is_a_usage_error(tmp_path, q1_file):
-    result = CliRunner().invoke(main, ["cot", "build", "--stage", "sft2", "--source", str(q1_file),
-                                       "--out", str(tmp_path / "o.jsonl")])
+    result = CliRunner().invoke(
+        main,
+        ["cot", "build", "--stage", "sft2", "--source", str(q1_file), "--out", str(tmp_path / "o.jsonl")],
+    )
     assert result.exit_code == 2 and "--unclear-ids" in result.output
     assert not (tmp_path / "o.jsonl").exists()

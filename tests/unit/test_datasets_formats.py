@@ -75,36 +75,93 @@ def occ(*args: str) -> None:
 
 
 def test_sft1_from_q1_rows_repeats_them_byte_for_byte(files):
-    occ("cot", "build", "--stage", "sft1", "--source", str(files / "q1.jsonl"), "--out", str(files / "o.jsonl"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "sft1",
+        "--source",
+        str(files / "q1.jsonl"),
+        "--out",
+        str(files / "o.jsonl"),
+    )
     assert (files / "o.jsonl").read_bytes() == Q1
 
 
 def test_sft2_from_q1_rows_and_the_wrong_list_is_the_upstream_sft2_file(files):
-    occ("cot", "build", "--stage", "sft2", "--source", str(files / "q1.jsonl"),
-        "--unclear-ids", str(files / "wrong.json"), "--out", str(files / "o.jsonl"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "sft2",
+        "--source",
+        str(files / "q1.jsonl"),
+        "--unclear-ids",
+        str(files / "wrong.json"),
+        "--out",
+        str(files / "o.jsonl"),
+    )
     assert (files / "o.jsonl").read_bytes() == SFT2
 
 
 def test_sc_with_a_limit_is_the_first_q1_rows(files):
-    occ("cot", "build", "--stage", "sc", "--source", str(files / "q1.jsonl"), "--limit", "2",
-        "--out", str(files / "o.jsonl"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "sc",
+        "--source",
+        str(files / "q1.jsonl"),
+        "--limit",
+        "2",
+        "--out",
+        str(files / "o.jsonl"),
+    )
     assert (files / "o.jsonl").read_bytes() == b"".join(Q1.splitlines(keepends=True)[:2])
 
 
 def test_a_cot_row_is_the_upstream_q0_row(files):
-    occ("cot", "build", "--stage", "cot", "--source", str(files / "sft2.jsonl"), "--cot-fraction", "1",
-        "--out", str(files / "o.jsonl"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "cot",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--cot-fraction",
+        "1",
+        "--out",
+        str(files / "o.jsonl"),
+    )
     assert (files / "o.jsonl").read_bytes().splitlines(keepends=True)[1] == Q0_ROW_00000058
 
 
 def test_cot_rows_not_replaced_stay_sft2_rows(files):
-    occ("cot", "build", "--stage", "cot", "--source", str(files / "sft2.jsonl"), "--cot-fraction", "0",
-        "--out", str(files / "o.jsonl"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "cot",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--cot-fraction",
+        "0",
+        "--out",
+        str(files / "o.jsonl"),
+    )
     assert (files / "o.jsonl").read_bytes() == SFT2
 
 
 def test_unbalanced_pairs_from_sft2_rows_are_the_upstream_dpo_file(files):
-    occ("pairs", "build", "--source", str(files / "sft2.jsonl"), "--no-balance", "--out", str(files / "p.jsonl"))
+    occ(
+        "pairs",
+        "build",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--no-balance",
+        "--out",
+        str(files / "p.jsonl"),
+    )
     assert (files / "p.jsonl").read_bytes() == PAIRS
 
 
@@ -123,11 +180,27 @@ def test_strings_json_must_escape_are_escaped_as_json_dumps_does(name):
 
 def test_meta_json_is_an_internvl_dataset_entry(files):
     write_images(files)
-    occ("pairs", "build", "--source", str(files / "sft2.jsonl"), "--no-balance", "--out", str(files / "p.jsonl"),
-        "--image-root", str(files))
+    occ(
+        "pairs",
+        "build",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--no-balance",
+        "--out",
+        str(files / "p.jsonl"),
+        "--image-root",
+        str(files),
+    )
     meta = json.loads((files / "p.meta.json").read_text())
-    assert meta == {"p": {"root": str(files), "annotation": str(files / "p.jsonl"), "data_augment": False,
-                          "repeat_time": 1, "length": 3}}
+    assert meta == {
+        "p": {
+            "root": str(files),
+            "annotation": str(files / "p.jsonl"),
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": 3,
+        }
+    }
 
 
 def test_sft_parquet_loads_as_a_trl_prompt_completion_dataset(files):
@@ -135,10 +208,21 @@ def test_sft_parquet_loads_as_a_trl_prompt_completion_dataset(files):
     from datasets import Sequence, load_dataset
 
     write_images(files)
-    occ("cot", "build", "--stage", "sft2", "--source", str(files / "sft2.jsonl"), "--image-root", str(files),
-        "--out", str(files / "o.jsonl"))
-    dataset = load_dataset("parquet", data_files=str(files / "o.parquet"), split="train",
-                           cache_dir=str(files / "hf"))
+    occ(
+        "cot",
+        "build",
+        "--stage",
+        "sft2",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--image-root",
+        str(files),
+        "--out",
+        str(files / "o.jsonl"),
+    )
+    dataset = load_dataset(
+        "parquet", data_files=str(files / "o.parquet"), split="train", cache_dir=str(files / "hf")
+    )
     assert dataset.column_names == ["id", "images", "prompt", "completion"]
     assert dataset[1]["completion"] == [{"role": "assistant", "content": "No."}]
     decoded = dataset.cast_column("images", Sequence(ImageFeature()))
@@ -148,8 +232,17 @@ def test_sft_parquet_loads_as_a_trl_prompt_completion_dataset(files):
 def test_pairs_parquet_loads_as_a_trl_preference_dataset(files):
     from datasets import load_dataset
 
-    occ("pairs", "build", "--source", str(files / "sft2.jsonl"), "--no-balance", "--out", str(files / "p.jsonl"))
-    dataset = load_dataset("parquet", data_files=str(files / "p.parquet"), split="train",
-                           cache_dir=str(files / "hf"))
+    occ(
+        "pairs",
+        "build",
+        "--source",
+        str(files / "sft2.jsonl"),
+        "--no-balance",
+        "--out",
+        str(files / "p.jsonl"),
+    )
+    dataset = load_dataset(
+        "parquet", data_files=str(files / "p.parquet"), split="train", cache_dir=str(files / "hf")
+    )
     assert dataset.column_names == ["id", "images", "prompt", "chosen", "rejected"]
     assert dataset[1]["chosen"] == [{"role": "assistant", "content": "No."}]

@@ -100,11 +100,14 @@ def test_threshold_reproduces_the_methods_rate_without_model_errors():
     assert grading.model_error is None
 
 
-@pytest.mark.parametrize(("combine", "expected"), [("any", [True, True, True, False]),
-                                                   ("all", [True, False, False, False])])
+@pytest.mark.parametrize(
+    ("combine", "expected"), [("any", [True, True, True, False]), ("all", [True, False, False, False])]
+)
 def test_combined_grader_joins_both_labels(combine, expected):
     visibility, errors = np.array([0.5, 0.5, 0.9, 0.9]), np.array([True, False, True, False])
-    grading = occlusion.grade(visibility, errors, GraderConfig(name="combined", threshold=0.6, combine=combine))
+    grading = occlusion.grade(
+        visibility, errors, GraderConfig(name="combined", threshold=0.6, combine=combine)
+    )
     assert grading.unclear.tolist() == expected
 
 
@@ -116,8 +119,9 @@ def test_identical_labels_agree_fully_and_opposite_ones_not_at_all():
 
 
 def test_unclear_rates_are_given_per_class_and_overall():
-    rows = occlusion.unclear_rates(np.array(["jar", "jar", "can", "can"]),
-                                   {"final": np.array([True, False, True, True])})
+    rows = occlusion.unclear_rates(
+        np.array(["jar", "jar", "can", "can"]), {"final": np.array([True, False, True, True])}
+    )
     by_class = {row["class"]: row for row in rows}
     assert by_class["jar"]["final_unclear_rate"] == 0.5 and by_class["can"]["final_unclear_rate"] == 1.0
     assert by_class["all"]["samples"] == 4 and by_class["knife"]["final_unclear_rate"] is None
@@ -126,11 +130,15 @@ def test_unclear_rates_are_given_per_class_and_overall():
 def test_occ_occlusion_calibrate_prints_the_best_threshold(tmp_path):
     visibility = np.r_[np.linspace(0.4, 0.55, 20), np.linspace(0.65, 1.0, 60)]
     ids = [f"{i:08d}" for i in range(80)]
-    pd.DataFrame({"id": ids, "cls": ["jar"] * 80, "visibility": visibility}).to_parquet(tmp_path / "s.parquet")
+    pd.DataFrame({"id": ids, "cls": ["jar"] * 80, "visibility": visibility}).to_parquet(
+        tmp_path / "s.parquet"
+    )
     answers = np.where(visibility < 0.6, "The object is can.", "The object is jar.")
     predictions = dict(zip(ids, answers.tolist(), strict=True))
     (tmp_path / "p.json").write_text(json.dumps(predictions))
-    result = CliRunner().invoke(occlusion.cli, ["calibrate", "--samples", str(tmp_path / "s.parquet"),
-                                                "--predictions", str(tmp_path / "p.json")])
+    result = CliRunner().invoke(
+        occlusion.cli,
+        ["calibrate", "--samples", str(tmp_path / "s.parquet"), "--predictions", str(tmp_path / "p.json")],
+    )
     assert result.exit_code == 0, result.output
     assert 0.55 < json.loads(result.output.splitlines()[-1])["threshold"] <= 0.65

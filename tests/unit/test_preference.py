@@ -24,8 +24,10 @@ def labelled(classes: list[str], unclear: list[bool]):
 
 
 def sft2_line(sample_id: str, cls: str, answer: str | None) -> str:
-    turns = [{"from": "human", "value": "What's the object in the hand?\n<image>"},
-             {"from": "gpt", "value": f"The object is {cls}."}]
+    turns = [
+        {"from": "human", "value": "What's the object in the hand?\n<image>"},
+        {"from": "gpt", "value": f"The object is {cls}."},
+    ]
     if answer is not None:
         turns += [{"from": "human", "value": Prompts().q6}, {"from": "gpt", "value": answer}]
     return dumps({"id": sample_id, "image": f"{sample_id}.jpg", "conversations": turns})
@@ -37,7 +39,9 @@ def skewed():
     return labelled(["jar"] * 90 + ["remote"] * 10, [False] * 70 + [True] * 20 + [False] * 9 + [True])
 
 
-@pytest.mark.parametrize(("counts", "n"), [([70, 9], 21), ([1000, 1, 1, 1], 10), ([5, 5], 10), ([3, 0, 7], 5)])
+@pytest.mark.parametrize(
+    ("counts", "n"), [([70, 9], 21), ([1000, 1, 1, 1], 10), ([5, 5], 10), ([3, 0, 7], 5)]
+)
 def test_allocate_draws_n_in_proportion_within_each_group(counts, n):
     alloc = preference.allocate(np.array(counts), n)
     assert alloc.sum() == n and (alloc <= counts).all()
@@ -97,18 +101,33 @@ def test_trl_pairs_hold_prompt_chosen_and_rejected_messages(tmp_path):
 
 def test_rows_without_a_clarity_turn_are_quarantined_not_paired(tmp_path):
     source = tmp_path / "sft2.jsonl"
-    source.write_text("\n".join([sft2_line("00000001", "jar", "Yes."), sft2_line("00000002", "can", None),
-                                 sft2_line("00000003", "jar", "No.")]) + "\n")
+    source.write_text(
+        "\n".join(
+            [
+                sft2_line("00000001", "jar", "Yes."),
+                sft2_line("00000002", "can", None),
+                sft2_line("00000003", "jar", "No."),
+            ]
+        )
+        + "\n"
+    )
     report = preference.build(source, tmp_path / "pairs.jsonl", BalanceConfig(balance=False))
     assert report.ok == 2 and [q.sample_id for q in report.quarantined] == ["00000002"]
-    assert [json.loads(x)["chosen"] for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == ["Yes.", "No."]
+    assert [json.loads(x)["chosen"] for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == [
+        "Yes.",
+        "No.",
+    ]
 
 
 def test_occ_pairs_build_balances_by_default(tmp_path):
     source = tmp_path / "sft2.jsonl"
-    source.write_text("".join(sft2_line(f"{i:08d}", "jar", "No." if i < 3 else "Yes.") + "\n" for i in range(10)))
+    source.write_text(
+        "".join(sft2_line(f"{i:08d}", "jar", "No." if i < 3 else "Yes.") + "\n" for i in range(10))
+    )
     out = tmp_path / "pairs.jsonl"
-    result = CliRunner().invoke(main, ["pairs", "build", "--source", str(source), "--out", str(out), "--seed", "1"])
+    result = CliRunner().invoke(
+        main, ["pairs", "build", "--source", str(source), "--out", str(out), "--seed", "1"]
+    )
     assert result.exit_code == 0, result.output
     chosen = [json.loads(x)["chosen"] for x in out.read_text().splitlines()]
     assert sorted(chosen) == ["No."] * 3 + ["Yes."] * 3
