@@ -51,19 +51,20 @@ def local_bytes(dest: Path, objects: dict[str, bytes]) -> dict[str, bytes | None
 
 
 @contextmanager
-def counting_gets(cfg: SyncConfig) -> Iterator[list[str]]:
-    """Keys of every GetObject request the engine's client sends inside the block."""
+def counting_gets() -> Iterator[list[str]]:
+    """Keys of every GET of a small object the engine sends inside the block (however it signs it)."""
     keys: list[str] = []
-    events = s3sync.client_for(cfg).meta.events
+    real_open = s3sync._Downloader._open
 
-    def record(params, **kwargs):
-        keys.append(params["Key"])
+    def record(downloader, key):
+        keys.append(key)
+        return real_open(downloader, key)
 
-    events.register("before-parameter-build.s3.GetObject", record)
+    s3sync._Downloader._open = record
     try:
         yield keys
     finally:
-        events.unregister("before-parameter-build.s3.GetObject", record)
+        s3sync._Downloader._open = real_open
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_second_sync_transfers_nothing_and_the_manifest_says_skipped(
 ):
     cfg = config(s3_bucket, s3_endpoint, tmp_path / "mirror")
     s3sync.sync(cfg)
-    with counting_gets(cfg) as gets:
+    with counting_gets() as gets:
         report = s3sync.sync(cfg)
     assert gets == []
     assert (report.ok, report.skipped) == (0, len(dataset))
@@ -125,7 +126,7 @@ def test_killed_sync_leaves_only_complete_files_and_the_rerun_resumes(
     held = {key: data for key, data in local_bytes(dest, objects).items() if data is not None}
     assert 20 <= len(held) < len(objects)
     assert all(data == objects[key] for key, data in held.items())
-    with counting_gets(config(s3_bucket, s3_endpoint, dest)) as gets:
+    with counting_gets() as gets:
         report = s3sync.sync(config(s3_bucket, s3_endpoint, dest))
     assert report.failed == 0 and report.ok + report.skipped == len(objects)
     assert len(gets) <= len(objects) - len(held)
@@ -133,29 +134,30 @@ def test_killed_sync_leaves_only_complete_files_and_the_rerun_resumes(
     assert not [path for path in dest.rglob("*.tmp")]
 
 
-def test_interrupted_sync_resumes_from_its_checkpoint(s3_bucket, s3_endpoint, s3_client, tmp_path):
+def test_interrupted_sync_resumes_from_its_checkpoint(
+    s3_bucket, s3_endpoint, s3_client, tmp_path, monkeypatch
+):
     objects = obman_like(60, seed=2)
     put_all(s3_client, s3_bucket, objects)
     cfg = config(s3_bucket, s3_endpoint, tmp_path / "mirror", workers=1, checkpoint_seconds=0.01)
-    client = s3sync.client_for(cfg)
+    real_open = s3sync._Downloader._open
     calls = 0
 
-    def interrupt_after_20(**kwargs):
+    def interrupt_after_20(downloader, key):
         nonlocal calls
         calls += 1
         if calls > 20:
             raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, in the CLI) raises
+        return real_open(downloader, key)
 
-    client.meta.events.register("before-parameter-build.s3.GetObject", interrupt_after_20)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            s3sync.sync(cfg)
-    finally:
-        client.meta.events.unregister("before-parameter-build.s3.GetObject", interrupt_after_20)
+    monkeypatch.setattr(s3sync._Downloader, "_open", interrupt_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        s3sync.sync(cfg)
+    monkeypatch.undo()
 
     checkpointed = [row for row in s3sync.load_manifest(cfg.dest).values() if row.status == DOWNLOADED]
     assert 1 <= len(checkpointed) <= 20
-    with counting_gets(cfg) as gets:
+    with counting_gets() as gets:
         report = s3sync.sync(cfg)
     assert report.failed == 0 and report.skipped >= 20
     assert len(gets) == report.ok == len(objects) - report.skipped
@@ -285,3 +287,22 @@ def test_embedded_server_keeps_connections_open_after_bodiless_requests_only(s3_
         assert (response.status, response.getheader("Connection")) == (200, "close")
     finally:
         connection.close()
+
+
+def test_directly_presigned_gets_are_accepted_and_only_the_probe_goes_through_the_client(
+    s3_bucket, s3_endpoint, dataset, tmp_path
+):
+    cfg = config(s3_bucket, s3_endpoint, tmp_path / "mirror")
+    through_client: list[str] = []
+    events = s3sync.client_for(cfg).meta.events
+
+    def record(params, **kwargs):
+        through_client.append(params["Key"])
+
+    events.register("before-parameter-build.s3.GetObject", record)
+    try:
+        report = s3sync.sync(cfg)
+    finally:
+        events.unregister("before-parameter-build.s3.GetObject", record)
+    assert report.ok == len(dataset) and through_client == [s3sync.PresignedGets._PROBE_KEY]
+    assert local_bytes(cfg.dest, dataset) == dataset

@@ -399,3 +399,85 @@ def test_last_listing_page_has_no_continuation_token():
     xml = b"""<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
   <IsTruncated>false</IsTruncated></ListBucketResult>"""
     assert s3sync.parse_listing_page(xml) == {"Contents": [], "IsTruncated": False}
+
+
+def presigning_client(monkeypatch, region: str = "us-east-1", endpoint: str | None = None, **config):
+    import botocore.session
+    from botocore.config import Config
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDCHAIN")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-the-chain")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    session = botocore.session.Session()
+    return session.create_client("s3", region_name=region, endpoint_url=endpoint, config=Config(**config))
+
+
+def freeze_signing_clock(monkeypatch) -> None:
+    import datetime
+    import time
+
+    import botocore.auth
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    frozen = datetime.datetime(2026, 11, 30, 1, 2, 3)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *args, **kwargs: frozen)
+
+
+PRESIGN_KEYS = ["obman/train/rgb/00000001.jpg", "obman/train/rgb/a b+c~d.jpg", "obman/val/ü%41&<x>.pkl"]
+
+
+@pytest.mark.parametrize(
+    ("region", "endpoint", "config", "scheme"),
+    [
+        ("us-east-1", "http://127.0.0.1:5000", {"s3": {"addressing_style": "path"}}, "v2"),
+        ("eu-west-1", "http://127.0.0.1:5000", {"signature_version": "s3v4"}, "v4"),
+        ("eu-west-1", None, {"signature_version": "s3v4", "s3": {"addressing_style": "virtual"}}, "v4"),
+        ("us-west-2", None, {}, "v2"),
+    ],
+)
+def test_direct_presign_equals_the_clients_presign_at_the_same_time(
+    monkeypatch, region, endpoint, config, scheme
+):
+    client = presigning_client(monkeypatch, region, endpoint, **config)
+    freeze_signing_clock(monkeypatch)
+    presigned = s3sync.PresignedGets(client, "occ-bucket")
+    assert presigned.scheme == scheme
+    for key in PRESIGN_KEYS:
+        expected = client.generate_presigned_url("get_object", Params={"Bucket": "occ-bucket", "Key": key})
+        assert presigned.request(key).url == expected
+
+
+def test_direct_presign_uses_the_credential_chains_keys_and_session_token(monkeypatch):
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-from-the-chain")
+    client = presigning_client(monkeypatch, signature_version="s3v4")
+    freeze_signing_clock(monkeypatch)
+    url = s3sync.PresignedGets(client, "occ-bucket").request(PRESIGN_KEYS[0]).url
+    assert "X-Amz-Credential=AKIDCHAIN%2F" in url and "X-Amz-Security-Token=token-from-the-chain" in url
+    assert url == client.generate_presigned_url(
+        "get_object", Params={"Bucket": "occ-bucket", "Key": PRESIGN_KEYS[0]}
+    )
+
+
+def test_unsigned_client_gets_plain_urls(monkeypatch):
+    from botocore import UNSIGNED
+
+    client = presigning_client(monkeypatch, signature_version=UNSIGNED)
+    presigned = s3sync.PresignedGets(client, "occ-bucket")
+    assert presigned.scheme == "unsigned"
+    for key in PRESIGN_KEYS:
+        expected = client.generate_presigned_url("get_object", Params={"Bucket": "occ-bucket", "Key": key})
+        assert presigned.request(key).url == expected
+
+
+def test_presign_of_another_form_is_left_to_the_client_per_key(monkeypatch):
+    client = presigning_client(monkeypatch)
+    real = client.generate_presigned_url
+
+    def with_extra_parameter(operation, Params):
+        return real(operation, Params=Params) + "&x-extra=1"
+
+    monkeypatch.setattr(client, "generate_presigned_url", with_extra_parameter)
+    presigned = s3sync.PresignedGets(client, "occ-bucket")
+    assert presigned.scheme is None
+    assert presigned.request(PRESIGN_KEYS[0]).url.endswith("&x-extra=1")
