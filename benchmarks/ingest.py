@@ -7,8 +7,9 @@ Both tools run as whole commands (a subprocess each, wall clock including interp
 of --repeats): a cold sync into an empty directory, then a no-op re-sync of the complete mirror.
 Runs of the two tools alternate, so both see the same machine load. Printed: one table, the ratios
 aws/occ against the aims (>= 2x cold, >= 3x no-op), and the server's CPU seconds in each best run,
-which show how much of a run the server alone accounts for: on a 2-core machine moto needs about
-3.3 ms of CPU per small GET and 0.15-0.25 s per 1,000 listed keys, a floor both tools share.
+which show how much of a run the server alone accounts for: on a 2-core machine moto needs 2.6-3.7
+ms of CPU per small GET and 0.15-0.25 s per 1,000 listed keys, a floor both tools share (our client
+adds 2.0-2.5 ms per object; benchmarks/RESULTS.md, ## ingest).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def format_table(
         ratio = aws[phase].wall / occ[phase].wall
         verdict = "met" if ratio >= aim else "NOT met"
         lines.append(
-            f"{phase:8}{aws[phase].wall:11.2f} s{occ[phase].wall:11.2f} s{ratio:9.2f}x{f'>= {aim:g}x':>8} {verdict:8}"
+            f"{phase:8}{aws[phase].wall:11.2f} s{occ[phase].wall:11.2f} s{ratio:9.2f}x"
+            f"{f'>= {aim:g}x':>8} {verdict:8}"
             f"{aws[phase].server_cpu:10.2f} / {occ[phase].server_cpu:.2f}"
         )
     return "\n".join(lines)
