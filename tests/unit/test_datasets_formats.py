@@ -120,36 +120,20 @@ def test_sc_with_a_limit_is_the_first_q1_rows(files):
     assert (files / "o.jsonl").read_bytes() == b"".join(Q1.splitlines(keepends=True)[:2])
 
 
+def build_cot(files, fraction: str) -> bytes:
+    """``occ cot build --stage cot`` on the SFT2 rows with a given CoT fraction; the JSONL written."""
+    out = files / "o.jsonl"
+    occ("cot", "build", "--stage", "cot", "--source", str(files / "sft2.jsonl"), "--cot-fraction", fraction,
+        "--out", str(out))  # fmt: skip
+    return out.read_bytes()
+
+
 def test_a_cot_row_is_the_upstream_q0_row(files):
-    occ(
-        "cot",
-        "build",
-        "--stage",
-        "cot",
-        "--source",
-        str(files / "sft2.jsonl"),
-        "--cot-fraction",
-        "1",
-        "--out",
-        str(files / "o.jsonl"),
-    )
-    assert (files / "o.jsonl").read_bytes().splitlines(keepends=True)[1] == Q0_ROW_00000058
+    assert build_cot(files, "1").splitlines(keepends=True)[1] == Q0_ROW_00000058
 
 
 def test_cot_rows_not_replaced_stay_sft2_rows(files):
-    occ(
-        "cot",
-        "build",
-        "--stage",
-        "cot",
-        "--source",
-        str(files / "sft2.jsonl"),
-        "--cot-fraction",
-        "0",
-        "--out",
-        str(files / "o.jsonl"),
-    )
-    assert (files / "o.jsonl").read_bytes() == SFT2
+    assert build_cot(files, "0") == SFT2
 
 
 def test_unbalanced_pairs_from_sft2_rows_are_the_upstream_dpo_file(files):
