@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libgl1 libosmesa6
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench install system-packages clean
+.PHONY: demo test lint bench install lock system-packages clean
 
 demo: $(STAMP)
 	$(BIN)/occ demo
@@ -25,6 +25,20 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest
 
 install: $(STAMP)
+
+# constraints.txt is the full lock: every package of the tested environment at its tested version.
+# Regenerate it from a working .venv after changing dependencies (then run `make test` on a fresh clone).
+# torch's local label (+cpu) is dropped so the pin also matches the wheel on PyPI's simple index;
+# PyOpenGL is locked at pyrender's own pin, since 3.1.10 goes over it with --no-deps afterwards.
+lock: $(STAMP)
+	{ echo "# The lock: every package of the tested environment. Regenerate with 'make lock'."; \
+	  echo "# make installs with -c constraints.txt, so pip never swaps the CPU torch for a CUDA build."; \
+	  $(BIN)/python -m pip freeze --exclude-editable --all \
+	    | grep -v -E '^(pip|setuptools|wheel)==' \
+	    | sed -e 's/^\(torch==[^+]*\)+.*/\1/' -e 's/^PyOpenGL==.*/PyOpenGL==3.1.0/' \
+	    | LC_ALL=C sort -f; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	touch $(STAMP)
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
