@@ -17,7 +17,7 @@ import click
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from occ_core.s3sync import SyncConfig
+from occ_core.s3sync import SyncConfig, config_from_options
 from tasks.ingest import finish_ingest, plan_ingest, sync_shard
 
 
@@ -48,7 +48,7 @@ def ingest_flow(params: SyncConfig) -> dict[str, Any]:
 @click.option("--endpoint-url", help=SyncConfig.model_fields["endpoint_url"].description)
 def cli(source: str, dest: Path, endpoint_url: str | None) -> None:
     """Run the ingest flow with default parameters."""
-    ingest_flow(SyncConfig(source=source, dest=dest, endpoint_url=endpoint_url))
+    ingest_flow(config_from_options(source, dest, endpoint_url=endpoint_url))
 
 
 if __name__ == "__main__":

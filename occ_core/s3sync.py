@@ -16,7 +16,11 @@ Run it:
   into place: a file under its final name is always complete;
 - transient errors (5xx, throttling, timeouts, dropped connections) are retried with exponential
   backoff and full jitter; permanent ones (403, 404, ...) are recorded once and not retried;
-- a key whose relative part would leave ROOT is rejected, recorded and counted as failed.
+- a key whose relative part would leave ROOT is rejected, recorded and counted as failed;
+- no error text carries credentials: every error becomes text through ``describe_error``, which drops
+  the signature, key id and token of presigned URLs and blanks the active credentials
+  (occ_core.redact); the command also redacts log records (``occ -vv``);
+- the command exits 1, after its summary, when a configured folder listed no objects.
 
 The manifest ``ROOT/.occ-manifest.parquet`` has one row per key (key, size, etag, sha256, local_path
 relative to ROOT, status, error, last_modified, synced_at); checkpoints under ``ROOT/.occ-manifest.d/``
@@ -51,6 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from occ_core.errors import BadSample
 from occ_core.fsio import CHUNK, atomic_path
+from occ_core.redact import redact, redact_logs
+from occ_core.splits import SplitName
 from occ_core.stage import StageReport
 
 MANIFEST_NAME = ".occ-manifest.parquet"
@@ -94,7 +100,7 @@ class SyncConfig(BaseModel):
 
     source: str = Field(description="s3://BUCKET/PREFIX holding PREFIX/{split}/...")
     dest: Path = Field(description="local root: PREFIX/{split}/... lands in ROOT/{split}/...")
-    splits: tuple[str, ...] = Field(("train", "val", "test"), description="split folders to mirror")
+    splits: tuple[SplitName, ...] = Field(("train", "val", "test"), description="split folders to mirror")
     include: tuple[str, ...] = Field(
         (), description="extra top-level folders to mirror besides the splits (e.g. shapenet)"
     )
@@ -126,6 +132,13 @@ class SyncConfig(BaseModel):
         parse_s3_uri(value)
         return value
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _is_endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_endpoint_url(value)
+        return value
+
     @property
     def bucket(self) -> str:
         return parse_s3_uri(self.source)[0]
@@ -153,6 +166,22 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"no bucket in {uri!r}")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
+
+
+def check_endpoint_url(url: str) -> str:
+    """Return ``url`` when botocore can send requests to it: ``http(s)://host[:port][/path]``.
+
+    Raises:
+        ValueError: Another scheme, or no valid host name (botocore would raise deep in client setup).
+    """
+    from urllib.parse import urlsplit
+
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https") or not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+        raise ValueError(f"expected an http:// or https:// URL with a host name, got {url!r}")
+    return url
 
 
 def relative_path_for(key: str, prefix: str) -> str:
@@ -187,6 +216,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, IncompleteShard):
         return True
+    if isinstance(exc, S3RequestFailed):
+        return exc.transient
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
@@ -203,6 +234,42 @@ class ChecksumMismatch(Exception):
 
 class IncompleteShard(Exception):
     """Some objects of a shard failed with transient errors after every retry; a later retry may finish it."""
+
+
+class S3RequestFailed(Exception):
+    """An S3 request failed after its retries; the message is redacted (``describe_error``).
+
+    botocore's errors carry the request URL, and a presigned URL carries the credentials: this error
+    is what leaves occ in their place (Prefect's logs and task states, the terminal), raised
+    ``from None`` so that no traceback prints the original.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient  # as is_transient judged the original error
+
+
+def credential_values(client: Any) -> tuple[str, ...]:
+    """The access key id, secret key and session token the client signs with (those it has)."""
+    credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+    if credentials is None:
+        return ()
+    try:
+        frozen = credentials.get_frozen_credentials()
+    except Exception:  # a refresh that fails here must not hide the error being described
+        return ()
+    return tuple(value for value in (frozen.access_key, frozen.secret_key, frozen.token) if value)
+
+
+def describe_error(exc: BaseException, client: Any = None) -> str:
+    """``"{type}: {message}"`` of an error, redacted: the one way ingest turns an error into text.
+
+    Args:
+        exc: The error.
+        client: The botocore client whose credentials must not appear (besides those of the
+            environment, which ``redact`` always blanks).
+    """
+    return redact(f"{type(exc).__name__}: {exc}", credential_values(client))
 
 
 def backoff_delay(attempt: int, base: float, cap: float = 20.0, rng: random.Random | None = None) -> float:
@@ -515,13 +582,24 @@ def plan_sync(cfg: SyncConfig, client: Any) -> SyncPlan:
     """List the configured folders and pair each object with its local path and manifest row.
 
     Directory markers (keys ending in /) are not files and are left out.
+
+    Raises:
+        S3RequestFailed: The listing failed after its retries (no bucket, access denied, endpoint
+            down); transient when a later try may pass.
     """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     started = time.time()
     root = cfg.dest.expanduser().resolve()
     with ThreadPoolExecutor(1) as pool:
         # Reading the manifest (and importing pyarrow) runs while the server answers the listing.
         known_future = pool.submit(load_manifest, root)
-        listing = list_objects(client, cfg)
+        try:
+            listing = list_objects(client, cfg)
+        except (BotoCoreError, ClientError) as exc:
+            # `from None`: a traceback of the chained botocore error would print the signed URL.
+            message = f"cannot list {cfg.source}: {describe_error(exc, client)}"
+            raise S3RequestFailed(message, is_transient(exc)) from None
         known = known_future.result()
     objects = []
     for item in listing:
@@ -778,9 +856,9 @@ class _Downloader:
         return size, obj.etag, sha256
 
 
-def _failed_row(obj: PlannedObject, exc: Exception, now: str) -> ManifestRow:
+def _failed_row(obj: PlannedObject, exc: Exception, now: str, client: Any) -> ManifestRow:
     # The prefix tells a reader of the manifest whether a re-run may help.
-    error = f"{'transient' if is_transient(exc) else 'permanent'} {type(exc).__name__}: {exc}"
+    error = f"{'transient' if is_transient(exc) else 'permanent'} {describe_error(exc, client)}"
     return ManifestRow(
         obj.key, obj.size, obj.etag, None, obj.local_path, FAILED, error, obj.last_modified, now
     )
@@ -847,7 +925,7 @@ def sync_objects(
             try:
                 settle(future.result())
             except Exception as exc:
-                settle(_failed_row(futures[future], exc, now))
+                settle(_failed_row(futures[future], exc, now, client))
     finally:
         for future in futures:
             future.cancel()
@@ -897,10 +975,46 @@ def summarize(rows: Sequence[ManifestRow], seconds: float) -> StageReport:
     return report
 
 
+def count_by_folder(rows: Iterable[ManifestRow], cfg: SyncConfig) -> dict[str, int]:
+    """Listed objects per configured folder, in ``cfg.folders`` order; 0 for a folder with none."""
+    counts = dict.fromkeys(cfg.folders, 0)
+    for row in rows:
+        folder = row.key[len(cfg.prefix) :].split("/", 1)[0]
+        if folder in counts:
+            counts[folder] += 1
+    return counts
+
+
 def finish_sync(cfg: SyncConfig, rows: Sequence[ManifestRow], started: float) -> StageReport:
-    """Write the manifest with ``rows`` and return the summary of the run that started at ``started``."""
+    """Write the manifest with ``rows`` and return the summary of the run that started at ``started``.
+
+    The summary's ``objects_by_folder`` holds the listed objects of each folder (``count_by_folder``).
+    """
     write_manifest(cfg.dest.expanduser().resolve(), rows)
-    return summarize(rows, time.time() - started)
+    report = summarize(rows, time.time() - started)
+    report.extra["objects_by_folder"] = count_by_folder(rows, cfg)
+    return report
+
+
+def failure_table(report: StageReport, limit: int = 500) -> list[dict[str, str]]:
+    """The first ``limit`` failed or rejected keys with their (redacted) reasons, as table rows."""
+    return [{"key": q.sample_id, "reason": q.reason} for q in report.quarantined[:limit]]
+
+
+def _folder_counts(report: StageReport) -> str:
+    return ", ".join(f"{folder} {n}" for folder, n in report.extra["objects_by_folder"].items())
+
+
+def check_not_empty(report: StageReport, cfg: SyncConfig) -> None:
+    """Refuse a sync that listed nothing in a configured folder (a wrong prefix, split or bucket).
+
+    Raises:
+        ValueError: Some folder had no objects; the message gives the count of every folder.
+    """
+    empty = [folder for folder, n in report.extra["objects_by_folder"].items() if n == 0]
+    if empty:
+        where = ", ".join(f"s3://{cfg.bucket}/{cfg.prefix}{folder}/" for folder in empty)
+        raise ValueError(f"no objects under {where} (objects listed: {_folder_counts(report)})")
 
 
 def format_summary(report: StageReport, cfg: SyncConfig) -> str:
@@ -912,6 +1026,7 @@ def format_summary(report: StageReport, cfg: SyncConfig) -> str:
         f"  {extra['objects']} objects: {report.ok} downloaded ({extra['bytes'] / 1e6:.1f} MB), "
         f"{report.skipped} skipped, {report.failed} failed ({extra['rejected']} rejected keys)",
         f"  {report.seconds:.2f} s, {extra['mb_per_s']:.2f} MB/s, {extra['objects_per_s']:.1f} objects/s",
+        f"  listed by folder: {_folder_counts(report)}",
         f"  manifest: {manifest_path(root)}",
     ]
     lines += [f"  FAILED {q.sample_id}: {q.reason}" for q in report.quarantined[:20]]
@@ -935,9 +1050,9 @@ def sync(cfg: SyncConfig, progress: bool = False) -> StageReport:
         cfg: What to mirror and where.
         progress: Show a progress bar on stderr.
     Returns:
-        The summary (see ``summarize``); failures are counted, not raised.
+        The summary (see ``finish_sync``); failures are counted, not raised.
     Raises:
-        botocore.exceptions.ClientError: The listing failed (no bucket, access denied, ...).
+        S3RequestFailed: The listing failed (no bucket, access denied, endpoint down, ...).
     """
     root = cfg.dest.expanduser().resolve()
     client = client_for(cfg)
@@ -960,6 +1075,37 @@ def _help(name: str) -> str:
 
 def _comma_separated(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(part for value in values for part in value.split(",") if part)
+
+
+def _option_name(field: str) -> str:
+    return "SOURCE" if field == "source" else f"--{field.replace('_', '-')}"
+
+
+def config_from_options(source: str, dest: Path, **options: Any) -> SyncConfig:
+    """The ``SyncConfig`` of a command line; options left out (None, empty, False) keep their defaults.
+
+    ``splits`` and ``include`` may be comma-separated or repeated.
+
+    Raises:
+        click.UsageError: A value is invalid; one line naming the option and the reason (exit 2).
+    """
+    from pydantic import ValidationError
+
+    for name in ("splits", "include"):
+        if name in options:
+            options[name] = _comma_separated(options[name])
+    # `is not False`, not `!= False`: 0 (``--workers 0``) is a value to check, not an option left out.
+    given = {name: value for name, value in options.items() if value not in (None, ()) and value is not False}
+    try:
+        return SyncConfig(source=source, dest=dest, **given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_option_name(str(error['loc'][0]))}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise click.UsageError(
+            f"invalid value for {problems}", click.get_current_context(silent=True)
+        ) from None
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -988,17 +1134,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 def cli(source: str, dest: Path, quiet: bool, **options: Any) -> None:
     """Mirror s3://BUCKET/PREFIX/{split}/... (SOURCE is s3://BUCKET/PREFIX) into DEST/{split}/...
 
-    Exits 1 when any object failed or was rejected, 130 when interrupted (re-run to resume).
+    Exits 1 when any object failed or was rejected or a folder held no objects, 130 when interrupted
+    (re-run to resume).
     """
-    from pydantic import ValidationError
-
-    options["splits"] = _comma_separated(options["splits"])
-    options["include"] = _comma_separated(options["include"])
-    given = {name: value for name, value in options.items() if value not in (None, (), False)}
-    try:
-        cfg = SyncConfig(source=source, dest=dest, **given)
-    except ValidationError as exc:
-        raise click.UsageError(str(exc)) from exc
+    redact_logs()  # botocore's debug log (occ -vv) prints signed URLs and authorization headers
+    cfg = config_from_options(source, dest, **options)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = sync(cfg, progress=not quiet and sys.stderr.isatty())
@@ -1008,14 +1148,20 @@ def cli(source: str, dest: Path, quiet: bool, **options: Any) -> None:
     except Exception as exc:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if isinstance(exc, S3RequestFailed):
+            raise click.ClickException(str(exc)) from None
         if not isinstance(exc, BotoCoreError | ClientError):
             raise
-        raise click.ClickException(f"cannot sync {cfg.source}: {exc}") from exc
+        raise click.ClickException(f"cannot sync {cfg.source}: {describe_error(exc)}") from None
     finally:
         # The command ends here: without this, the interpreter's last collections walk every object
         # botocore and pyarrow made (the S3 model, the endpoint rules), 0.2-0.3 s of a no-op re-sync.
         gc.freeze()
     click.echo(format_summary(report, cfg))
+    try:
+        check_not_empty(report, cfg)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if report.failed:
         sys.exit(1)
 

@@ -61,6 +61,6 @@ def finish_ingest(cfg: SyncConfig, started: float, shard_rows: list[list[Manifes
     summary = report.summary() | {"source": cfg.source, "dest": str(cfg.dest)}
     create_table_artifact(key="ingest-summary", table=[summary], description=f"ingest {cfg.source}")
     if report.quarantined:
-        failures = [{"key": q.sample_id, "reason": q.reason} for q in report.quarantined[:500]]
+        failures = s3sync.failure_table(report)
         create_table_artifact(key="ingest-failures", table=failures, description="failed or rejected keys")
     return summary

@@ -68,3 +68,41 @@ def test_flow_rerun_skips_everything_and_reports_rejected_keys(
     assert statuses.pop("obman/val/../../evil") == REJECTED
     assert set(statuses.values()) == {SKIPPED}
     assert not list((tmp_path / s3sync.CHECKPOINT_DIR).glob("*.parquet"))
+
+
+def test_flow_against_a_dead_endpoint_logs_and_raises_no_credentials(tmp_path, monkeypatch):
+    import asyncio
+    import socket
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    import flows.ingest
+
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID123456", "AWS_SESSION_TOKEN": "FAKESESSIONTOKEN0123456789"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fakeSecretAccessKey0123456789abcdef")
+    # The plan task's own retries (5-20 s apart) would only repeat the same refusal.
+    monkeypatch.setattr(flows.ingest, "plan_ingest", flows.ingest.plan_ingest.with_options(retries=0))
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = SyncConfig(
+        source="s3://occ-bucket/obman", dest=tmp_path, endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1
+    )
+    state = flows.ingest.ingest_flow(cfg, return_state=True)
+    APILogHandler().flush()  # the logs go to the API in the background
+
+    async def flow_run_logs() -> list[str]:
+        async with get_client() as client:
+            flow_run_id = state.state_details.flow_run_id
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return [log.message for log in logs]
+
+    messages = asyncio.run(flow_run_logs())
+    assert state.is_failed() and any("cannot list s3://occ-bucket/obman" in text for text in messages)
+    texts = [*messages, state.message or "", str(state.result(raise_on_failure=False))]
+    for word in [*secrets.values(), "Signature=", "AWSAccessKeyId"]:
+        assert not [text for text in texts if word in text], word

@@ -229,16 +229,41 @@ def test_object_above_the_multipart_threshold_downloads_in_parts(s3_bucket, s3_e
 def test_command_prints_the_summary_and_exits_nonzero_when_a_key_is_rejected(
     s3_bucket, s3_endpoint, s3_client, tmp_path
 ):
-    s3_client.put_object(Bucket=s3_bucket, Key="obman/test/rgb/00000000.jpg", Body=b"fine")
+    for split in ("train", "test"):
+        s3_client.put_object(Bucket=s3_bucket, Key=f"obman/{split}/rgb/00000000.jpg", Body=b"fine")
     command = [sys.executable, "-m", "occ_core.s3sync", f"s3://{s3_bucket}/obman", "--dest", str(tmp_path)]
     command += ["--endpoint-url", s3_endpoint, "--splits", "train,test"]
     ok = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert "1 downloaded" in ok.stdout and str(tmp_path / s3sync.MANIFEST_NAME) in ok.stdout
+    assert "2 downloaded" in ok.stdout and str(tmp_path / s3sync.MANIFEST_NAME) in ok.stdout
     s3_client.put_object(Bucket=s3_bucket, Key="obman/test/../../evil", Body=b"escape")
     rejected = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
     assert rejected.returncode == 1
     assert "obman/test/../../evil" in rejected.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "splits", "message"),
+    [
+        (
+            "obman-typo",
+            "train,val",
+            "no objects under {bucket}/obman-typo/train/, {bucket}/obman-typo/val/ "
+            "(objects listed: train 0, val 0)",
+        ),
+        ("obman", "train,test", "no objects under {bucket}/obman/test/ (objects listed: train 1, test 0)"),
+    ],
+    ids=["empty-prefix", "empty-split"],
+)
+def test_command_exits_nonzero_naming_a_prefix_or_split_without_objects(
+    s3_bucket, s3_endpoint, s3_client, tmp_path, source, splits, message
+):
+    s3_client.put_object(Bucket=s3_bucket, Key="obman/train/rgb/00000000.jpg", Body=b"fine")
+    command = [sys.executable, "-m", "occ_core.s3sync", f"s3://{s3_bucket}/{source}", "--dest", str(tmp_path)]
+    command += ["--endpoint-url", s3_endpoint, "--splits", splits]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: " + message.format(bucket=f"s3://{s3_bucket}")
 
 
 def test_listing_reads_keys_with_spaces_plus_signs_and_unicode_as_botocore_does(

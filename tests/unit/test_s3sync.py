@@ -105,6 +105,36 @@ def test_key_that_could_leave_root_is_rejected_naming_the_key(key):
     assert caught.value.path == key
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--splits", "train,../x", "split must be a name"),
+        ("--splits", "a/b", "split must be a name"),
+        ("--endpoint-url", "notaurl", "http:// or https:// URL"),
+        ("--endpoint-url", "ftp://127.0.0.1:9000", "http:// or https:// URL"),
+        ("--workers", "0", "greater than or equal to 1"),
+    ],
+)
+def test_bad_option_is_a_one_line_usage_error_naming_the_option(tmp_path, option, value, words):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(s3sync.cli, ["s3://b/obman", "--dest", str(tmp_path), option, value])
+    assert result.exit_code == 2, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert error_lines == [f"Error: invalid value for {option}: {error_lines[0].split(': ', 2)[2]}"]
+    assert words in error_lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://127.0.0.1:9000", "https://s3.example.com", "http://[::1]:9000/"]
+)
+def test_http_endpoints_are_accepted(endpoint, tmp_path):
+    assert (
+        SyncConfig(source="s3://b/p", dest=tmp_path, endpoint_url=endpoint, workers=1).endpoint_url
+        == endpoint
+    )
+
+
 def test_folders_are_the_splits_then_the_extra_folders_without_repeats(tmp_path):
     cfg = SyncConfig(
         source="s3://b/p", dest=tmp_path, splits=["train", "test"], include=["shapenet", "train"], workers=1
@@ -320,6 +350,30 @@ def test_summary_counts_rejected_keys_as_failed_and_sums_downloaded_bytes():
     assert (report.ok, report.skipped, report.failed) == (2, 1, 1)
     assert (report.extra["objects"], report.extra["bytes"], report.extra["rejected"]) == (4, 6, 1)
     assert report.quarantined[0].sample_id == "p/../x"
+
+
+def test_folder_counts_name_each_configured_folder_and_an_empty_one_is_refused(tmp_path):
+    cfg = SyncConfig(source="s3://b/obman", dest=tmp_path, include=["shapenet"], workers=1)
+    keys = ["obman/train/a", "obman/train/b", "obman/val/c", "obman/other/d"]
+    listed = [ManifestRow(key, 1, "e", None, key[6:], DOWNLOADED) for key in keys]
+    report = s3sync.finish_sync(cfg, listed, started=0.0)
+    assert report.extra["objects_by_folder"] == {"train": 2, "val": 1, "test": 0, "shapenet": 0}
+    with pytest.raises(ValueError) as caught:
+        s3sync.check_not_empty(report, cfg)
+    assert str(caught.value) == (
+        "no objects under s3://b/obman/test/, s3://b/obman/shapenet/ "
+        "(objects listed: train 2, val 1, test 0, shapenet 0)"
+    )
+
+
+def test_failed_row_names_the_error_without_the_clients_credentials(monkeypatch):
+    client = presigning_client(monkeypatch)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # known from the client only, as with a profile
+    url = s3sync.PresignedGets(client, "occ-bucket").request(PRESIGN_KEYS[0]).url
+    assert "AKIDCHAIN" in url
+    row = s3sync._failed_row(planned(), EndpointConnectionError(endpoint_url=url), NOW, client)
+    assert row.error.startswith("transient EndpointConnectionError: Could not connect")
+    assert "AKIDCHAIN" not in row.error and "Signature" not in row.error
 
 
 def test_plan_cuts_consecutive_shards_of_at_most_shard_size():
