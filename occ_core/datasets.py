@@ -57,6 +57,9 @@ class DatasetsConfig(BaseModel):
         None,
         description="earlier checkpoint's Q1 answers {id: answer} or its wrong-id list (model-errors grader)",
     )
+    allow_partial_predictions: bool = Field(
+        False, description="accept predictions that lack some ids; those images get no model-error label"
+    )
     renders: Path | None = Field(
         None, description="folder of view-0 renders for the 3D-view rows; None skips them"
     )
@@ -221,7 +224,10 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         errors, errors_info = None, None
         if cfg.predictions is not None:
             errors, errors_info = occlusion.model_errors(
-                cfg.predictions, table["id"].to_numpy(dtype=object), table["cls"].to_numpy(dtype=object)
+                cfg.predictions,
+                table["id"].to_numpy(dtype=object),
+                table["cls"].to_numpy(dtype=object),
+                allow_partial=cfg.allow_partial_predictions,
             )
         try:
             grading = occlusion.grade(table["visibility"].to_numpy(dtype=float), errors, cfg.grader)
@@ -278,7 +284,11 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         "unclear": int(grading.unclear.sum()),
         "unclear_rate": round(float(grading.unclear.mean()), 4),
         "model_errors": errors_info,
-        "agreement": occlusion.agreement(grading.model_error, grading.visibility_unclear) if both else None,
+        "agreement": (
+            occlusion.held_out_agreement(table["visibility"], grading.model_error, cfg.grader, cfg.seed)
+            if both
+            else None
+        ),
         "unclear_by_class": occlusion.unclear_rates(table["cls"].to_numpy(dtype=object), labels),
         "balance": preference.balance_stats(table, balanced),
         "cot_rows": int((cot_rows["turns"] == "q0").sum()),
@@ -362,6 +372,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     help=field_help(DatasetsConfig, "predictions"),
 )
 @click.option(
+    "--allow-partial-predictions", is_flag=True, help=field_help(DatasetsConfig, "allow_partial_predictions")
+)
+@click.option(
     "--renders",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
@@ -388,6 +401,7 @@ def cli(
     grader: str,
     threshold: float | None,
     predictions: Path | None,
+    allow_partial_predictions: bool,
     renders: Path | None,
     cot_fraction: float,
     sc_limit: int | None,
@@ -401,6 +415,7 @@ def cli(
         split=split,
         grader=GraderConfig(name=grader, threshold=threshold),
         predictions=predictions,
+        allow_partial_predictions=allow_partial_predictions,
         renders=renders,
         cot_fraction=cot_fraction,
         sc_limit=sc_limit,

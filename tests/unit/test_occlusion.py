@@ -36,12 +36,32 @@ def test_visibility_needs_an_object_silhouette():
         occlusion.visibility_ratio(np.zeros((4, 4, 3), dtype=np.uint8))
 
 
-def test_prediction_errors_are_exact_string_mismatches_and_missing_ids(tmp_path):
+def test_prediction_errors_are_exact_string_mismatches(tmp_path):
     path = tmp_path / "pred.json"
     path.write_text(json.dumps({"a": "The object is jar.", "b": "The object is Jar.", "c": "jar"}))
-    errors, info = occlusion.model_errors(path, np.array(["a", "b", "c", "d"]), np.array(["jar"] * 4))
-    assert errors.tolist() == [False, True, True, True]
-    assert info == {"source": "predictions", "covered": 3, "missing": 1}
+    errors, info = occlusion.model_errors(path, np.array(["a", "b", "c"]), np.array(["jar"] * 3))
+    assert errors.tolist() == [False, True, True]
+    assert info == {"source": "predictions", "covered": 3, "missing": 0, "extra": 0}
+
+
+def test_predictions_covering_part_of_the_split_are_rejected_with_the_counts(tmp_path):
+    # Another split's file: 5 of its 20 ids collide with this split's 00000000..00000019.
+    path = tmp_path / "test-split.json"
+    path.write_text(json.dumps({f"{i:08d}": "The object is jar." for i in range(15, 35)}))
+    ids = np.array([f"{i:08d}" for i in range(20)])
+    with pytest.raises(BadSample, match=r"test-split\.json: .*5 of the 20 sample ids") as caught:
+        occlusion.model_errors(path, ids, np.array(["jar"] * 20))
+    assert "15 of its 20 ids" in str(caught.value) and "--allow-partial-predictions" in str(caught.value)
+
+
+def test_allowed_partial_predictions_leave_the_other_images_unlabelled(tmp_path):
+    path = tmp_path / "pred.json"
+    path.write_text(json.dumps({"a": "The object is jar.", "b": "The object is can.", "x": "jar"}))
+    errors, info = occlusion.model_errors(
+        path, np.array(["a", "b", "c", "d"]), np.array(["jar"] * 4), allow_partial=True
+    )
+    assert errors.tolist() == [False, True, pd.NA, pd.NA]
+    assert info == {"source": "predictions", "covered": 2, "missing": 2, "extra": 1}
 
 
 def test_an_id_list_marks_exactly_the_listed_ids_wrong(tmp_path):
@@ -142,3 +162,96 @@ def test_occ_occlusion_calibrate_prints_the_best_threshold(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert 0.55 < json.loads(result.output.splitlines()[-1])["threshold"] <= 0.65
+
+
+def test_the_model_errors_grader_refuses_images_without_a_prediction():
+    errors = pd.array([True, None, False], dtype="boolean")
+    with pytest.raises(ValueError, match="1 of 3 images have no prediction"):
+        occlusion.grade(np.array([0.5, 0.6, 0.9]), errors, GraderConfig(name="model-errors"))
+
+
+def test_calibration_uses_only_the_images_with_a_prediction():
+    # Labelled images are wrong below 0.6; the unlabelled ones (all at 0.5) must not count as wrong.
+    visibility = np.r_[np.linspace(0.4, 1.0, 200), np.full(200, 0.5)]
+    errors = pd.array([*(visibility[:200] < 0.6), *([None] * 200)], dtype="boolean")
+    grading = occlusion.grade(visibility, errors, GraderConfig())
+    assert grading.threshold_source.startswith("calibrated") and 0.58 < grading.threshold <= 0.62
+
+
+def test_unclear_rates_skip_images_without_a_label():
+    labels = {"model_errors": pd.array([True, None, False, None], dtype="boolean")}
+    rows = {row["class"]: row for row in occlusion.unclear_rates(np.array(["jar"] * 3 + ["can"]), labels)}
+    assert rows["jar"]["model_errors_unclear_rate"] == 0.5 and rows["all"]["model_errors_unclear_rate"] == 0.5
+    assert rows["can"]["model_errors_unclear_rate"] is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_errors_that_visibility_does_not_predict_give_the_methods_rate(seed):
+    # Errors independent of visibility: the max-J threshold would fall anywhere (rates 0.04-0.91).
+    rng = np.random.default_rng(seed)
+    visibility, errors = rng.uniform(0.4, 1.0, 10140), rng.random(10140) < 0.2885
+    grading = occlusion.grade(visibility, errors, GraderConfig())
+    assert grading.unclear.mean() == pytest.approx(occlusion.METHOD_UNCLEAR_RATE, abs=0.002)
+    assert "calibration refused: max Youden J" in grading.threshold_source
+
+
+def test_the_youden_floor_is_the_constant_on_large_sets_and_the_chance_level_on_small_ones():
+    assert occlusion.youden_floor(3000, 7000) == occlusion.MIN_YOUDEN_J
+    assert occlusion.youden_floor(15, 35) > 0.4  # J of pure noise reaches ~0.39 on 50 images
+
+
+def test_held_out_labels_never_depend_on_the_image_s_own_error():
+    visibility = np.linspace(0.4, 1.0, 60)
+    errors = visibility < 0.6
+    labels, _ = occlusion.held_out_labels(visibility, errors, GraderConfig(), seed=0)
+    for i in range(len(errors)):
+        flipped = errors.copy()
+        flipped[i] = ~flipped[i]
+        assert occlusion.held_out_labels(visibility, flipped, GraderConfig(), seed=0)[0][i] == labels[i], i
+
+
+def test_held_out_agreement_of_a_real_signal_is_high_and_counts_every_labelled_image():
+    visibility = np.linspace(0.4, 1.0, 400)
+    errors = pd.array([*(visibility[:300] < 0.6), *([None] * 100)], dtype="boolean")
+    result = occlusion.held_out_agreement(visibility, errors, GraderConfig(), seed=3)
+    assert result["samples"] == 300 and result["kappa"] > 0.9
+    assert result["held_out"] == "2 folds, seed 3: each fold labelled by a threshold fitted on the rest"
+    assert all(s.startswith("calibrated") for s in result["fold_threshold_sources"])
+
+
+def test_a_configured_threshold_is_compared_on_every_image():
+    result = occlusion.held_out_agreement(
+        np.array([0.5, 0.7, 0.9]), np.array([True, False, True]), GraderConfig(threshold=0.6), seed=0
+    )
+    assert (result["samples"], result["agreement"], result["fold_threshold_sources"]) == (
+        3,
+        0.6667,
+        ["config"],
+    )
+
+
+def write_split(tmp_path, visibility, answers):
+    ids = [f"{i:08d}" for i in range(len(visibility))]
+    pd.DataFrame({"id": ids, "cls": ["jar"] * len(ids), "visibility": visibility}).to_parquet(
+        tmp_path / "s.parquet"
+    )
+    (tmp_path / "p.json").write_text(json.dumps(dict(zip(ids, answers, strict=False))))
+    return ["calibrate", "--samples", str(tmp_path / "s.parquet"), "--predictions", str(tmp_path / "p.json")]
+
+
+def test_occ_occlusion_calibrate_rejects_partial_predictions_in_one_line(tmp_path):
+    args = write_split(tmp_path, np.linspace(0.4, 1.0, 80), ["The object is jar."] * 30)
+    result = CliRunner().invoke(occlusion.cli, args)
+    assert result.exit_code == 1 and "30 of the 80 sample ids" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    allowed = CliRunner().invoke(occlusion.cli, [*args, "--allow-partial-predictions"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_occ_occlusion_calibrate_says_when_it_falls_back_to_the_methods_rate(tmp_path):
+    rng = np.random.default_rng(0)
+    answers = np.where(rng.random(2000) < 0.3, "The object is can.", "The object is jar.").tolist()
+    result = CliRunner().invoke(occlusion.cli, write_split(tmp_path, rng.uniform(0.4, 1.0, 2000), answers))
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.output.splitlines()[-1])
+    assert "calibration refused" in last["threshold_source"]
