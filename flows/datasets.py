@@ -16,7 +16,7 @@ from typing import Any
 import click
 from prefect import flow, unmapped
 
-from occ_core.datasets import DatasetsConfig, summary_lines
+from occ_core.datasets import DatasetsConfig, config_from_options, summary_lines
 from tasks.datasets import build_datasets, plan_datasets, scan_shard
 
 
@@ -43,7 +43,7 @@ def datasets_flow(params: DatasetsConfig) -> dict[str, Any]:
 )
 def cli(root: Path, split: str) -> None:
     """Run the datasets flow with default parameters on one split."""
-    datasets_flow(DatasetsConfig(root=root, split=split))
+    datasets_flow(config_from_options(root=root, split=split))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 Command (each run writes OUT.jsonl, OUT.parquet for trl and OUT.meta.json for InternVL)::
 
     occ cot build --stage {sft1,sft2,cot,sc} --source ROWS.jsonl [--unclear-ids IDS.json] --out OUT.jsonl
+        [--allow-degenerate]
     python -m occ_core.cot build ...
 
-ROWS are Q1-format rows ``{"id", "image", "conversations"}``; IDS is the upstream list of ids the
-earlier checkpoint got wrong (``[{"answer": id}, ...]``) or a plain JSON list of ids. Given the same
-inputs the output repeats the upstream file row for row (docs/method-spec.md sections 1-2):
+ROWS are Q1-format rows ``{"id", "image", "conversations"}`` (a row asking another question is
+quarantined); IDS is the upstream list of ids the earlier checkpoint got wrong (``[{"answer": id},
+...]``) or a plain JSON list of ids. Given the same inputs the output repeats the upstream file row
+for row (docs/method-spec.md sections 1-2). An output with no rows, or an SFT2/CoT output whose
+clarity answers are all one, is an error with the counts unless ``--allow-degenerate``. The stages:
 
 - ``sft1``: Q1 and its answer (``train_Q1_10140.jsonl``);
 - ``sft2``: Q1, its answer, Q6 and ``No.`` for an unclear image, ``Yes.`` otherwise (``train_Q1_Q6_10140``);
@@ -141,7 +144,11 @@ class CotConfig(BaseModel):
         description="share of SFT2 rows whose conversation becomes Q0 and its fixed answer (upstream: 25.7%)",
     )
     seed: int = Field(
-        0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
+        0, ge=0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
+    )
+    allow_degenerate: bool = Field(
+        False,
+        description="write an output that has no rows or one clarity answer only, instead of failing",
     )
     limit: int | None = Field(
         None,
@@ -219,73 +226,30 @@ def sample_table(ids: Any, images: Any, classes: Any, unclear: Any) -> pd.DataFr
     )
 
 
-def _parse_row(
-    row: dict[str, Any], path: Path, number: int, prompts: Prompts
-) -> tuple[str, str, str, bool | None]:
-    where = f"line {number}"
-    sample_id = row.get("id")
-    if not isinstance(sample_id, str) or not sample_id:
-        raise BadSample(path, f"{where}: 'id' must be a non-empty string, got {sample_id!r}")
-    image = row.get("image")
-    if not isinstance(image, str) or not image:
-        raise BadSample(path, f"{where}: 'image' must be a non-empty string, got {image!r}", sample_id)
-    turns = row.get("conversations")
-    if (
-        not isinstance(turns, list)
-        or len(turns) < 2
-        or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)
-    ):
-        raise BadSample(
-            path, f"{where}: 'conversations' must hold at least 2 turns with a 'value'", sample_id
-        )
-    if (turns[0].get("from"), turns[1].get("from")) != ("human", "gpt"):
-        raise BadSample(path, f"{where}: the first two turns must be from 'human' then 'gpt'", sample_id)
-    match = ANSWER_PATTERN.fullmatch(turns[1]["value"])
-    if match is None:
-        raise BadSample(
-            path, f"{where}: answer {turns[1]['value']!r} is not 'The object is <class>.'", sample_id
-        )
-    if match["cls"] not in QA_CLASSES:
-        raise BadSample(
-            path,
-            f"{where}: unknown class {match['cls']!r}; expected one of {', '.join(QA_CLASSES)}",
-            sample_id,
-        )
-    unclear = None
-    if len(turns) >= 4 and turns[2]["value"] == prompts.q6:
-        if turns[3]["value"] not in (YES, NO):
-            raise BadSample(
-                path, f"{where}: clarity answer {turns[3]['value']!r} is neither 'Yes.' nor 'No.'", sample_id
-            )
-        unclear = turns[3]["value"] == NO
-    return sample_id, image, match["cls"], unclear
-
-
 def read_rows(
     path: Path | str, prompts: Prompts | None = None, image_root: Path | None = None
 ) -> tuple[pd.DataFrame, StageReport]:
     """Read Q1-format rows (SFT2 rows too) into a sample table; bad rows are quarantined, never fatal.
 
-    A row keeps its clarity label when its turns 3-4 are Q6 and ``Yes.``/``No.``; only its first
-    question-answer pair is used otherwise, as upstream did. A well-formed file is parsed by Arrow
-    and checked column-wise; rows a column check doubts, and files with a malformed or blank line,
-    go through the line-by-line reader, so every fault names its line either way.
+    A row is a Q1 row: its first turn asks Q1 (the image token aside) and its second answers
+    ``The object is <class>.``; a row asking anything else is quarantined, not turned into Q1. It keeps
+    its clarity label when its turns 3-4 are Q6 and ``Yes.``/``No.``. A well-formed file is parsed by
+    Arrow in one go; a file with a malformed, blank or mistyped line is parsed line by line. Either way
+    the rows then go through one validator (check_source_rows), and every fault names its line.
 
     Args:
         path: JSONL of ``{id, image, conversations}`` rows.
-        prompts: Question strings (to recognise the clarity turn).
+        prompts: Question strings (to recognise Q1 and the clarity turn).
         image_root: When given, a row whose image file is missing under it is quarantined.
     Returns:
         The sample table (input order) and a report counting rows read and quarantined with reasons:
-        malformed JSON (with its line number), bad fields, unknown class, duplicate id, missing image.
+        malformed JSON or mistyped fields (with the line number), bad fields, a question other than Q1,
+        unknown class, duplicate id, missing image.
     """
     path, prompts = Path(path), prompts or Prompts()
-    parsed = _parse_whole_file(path)
-    if parsed is None:
-        samples, faults = _read_line_by_line(path, prompts)
-    else:
-        samples, faults = _check_parsed(parsed, path, prompts)
-    return _drop_duplicates_and_missing(samples, faults, path, image_root)
+    table, lines, faults = _parse_source(path)
+    samples, row_faults = check_source_rows(table, lines, path, prompts)
+    return _drop_duplicates_and_missing(samples, faults + row_faults, path, image_root)
 
 
 SOURCE_SCHEMA = pa.schema(
@@ -295,17 +259,12 @@ SOURCE_SCHEMA = pa.schema(
         ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
     ]
 )
-_SAMPLE_FRAME = ("line", "id", "image", "cls", "unclear")
 Fault = tuple[int, str | None, str, str]  # line, sample id, file, reason
-
-
-def _samples_frame(records: list[tuple]) -> pd.DataFrame:
-    return pd.DataFrame(records, columns=list(_SAMPLE_FRAME))
 
 
 def _parse_whole_file(path: Path) -> pa.Table | None:
     # Arrow parses the whole file in C++ but cannot name a malformed line and skips blank lines:
-    # any doubt sends the file to the line-by-line reader.
+    # any doubt sends the file to the line-by-line parser.
     data = path.read_bytes()
     try:
         table = pj.read_json(
@@ -318,16 +277,33 @@ def _parse_whole_file(path: Path) -> pa.Table | None:
     return table if table.num_rows == lines else None
 
 
-def _read_line_by_line(path: Path, prompts: Prompts) -> tuple[pd.DataFrame, list[Fault]]:
-    records, faults = [], []
+def _parse_source(path: Path) -> tuple[pa.Table, np.ndarray, list[Fault]]:
+    """The rows of a source file as one SOURCE_SCHEMA table, their line numbers, and the lines that are
+    no such row (malformed JSON, not an object, fields of the wrong type)."""
+    whole = _parse_whole_file(path)
+    if whole is not None:
+        return whole, np.arange(1, whole.num_rows + 1), []
+    rows, lines, faults = [], [], []
     for number, row in iter_jsonl(path):
+        if isinstance(row, BadSample):
+            faults.append((number, None, row.path, row.reason))
+        else:
+            rows.append(row)
+            lines.append(number)
+    try:
+        return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), np.array(lines, dtype=np.int64), faults
+    except (pa.ArrowException, TypeError, ValueError):
+        pass  # some row has a field of the wrong type: find which, row by row
+    tables, kept = [], []
+    for number, row in zip(lines, rows, strict=True):
         try:
-            if isinstance(row, BadSample):
-                raise row
-            records.append((number, *_parse_row(row, path, number, prompts)))
-        except BadSample as bad:
-            faults.append((number, bad.sample_id, bad.path, bad.reason))
-    return _samples_frame(records), faults
+            tables.append(pa.Table.from_pylist([row], schema=SOURCE_SCHEMA))
+            kept.append(number)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            sample_id = row.get("id") if isinstance(row.get("id"), str) else None
+            faults.append((number, sample_id, str(path), f"line {number}: fields of the wrong type ({exc})"))
+    table = pa.concat_tables(tables) if tables else SOURCE_SCHEMA.empty_table()
+    return table, np.array(kept, dtype=np.int64), faults
 
 
 def _turn_field(conv: pa.ListArray, lengths: np.ndarray, k: int, field: str) -> pa.Array:
@@ -341,9 +317,20 @@ def _turn_field(conv: pa.ListArray, lengths: np.ndarray, k: int, field: str) -> 
     return pc.if_else(pa.array(present), picked, pa.scalar(None, pa.string()))
 
 
-def _check_parsed(table: pa.Table, path: Path, prompts: Prompts) -> tuple[pd.DataFrame, list[Fault]]:
-    # Column checks accept the rows that are certainly well formed; the rest are judged by _parse_row,
-    # the one place that words the reasons.
+def check_source_rows(
+    table: pa.Table, lines: np.ndarray, path: Path, prompts: Prompts
+) -> tuple[pd.DataFrame, list[Fault]]:
+    """The one validator of source rows: column-wise checks, the first one a row fails is its reason.
+
+    Args:
+        table: Rows in SOURCE_SCHEMA.
+        lines: Each row's line number in ``path``.
+        path: The source file, named in every fault.
+        prompts: Q1 and Q6 texts.
+    Returns:
+        The good rows (``line``, ``id``, ``image``, ``cls``, ``unclear``) in input order, and one fault
+        per bad row: (line, id or None, file, reason).
+    """
     conv = table.column("conversations").combine_chunks()
     ids, images = table.column("id").combine_chunks(), table.column("image").combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(conv), 0).to_numpy(zero_copy_only=False)
@@ -351,41 +338,63 @@ def _check_parsed(table: pa.Table, path: Path, prompts: Prompts) -> tuple[pd.Dat
         0, np.cumsum(pc.is_null(pc.struct_field(conv.values, "value")).to_numpy(zero_copy_only=False))
     ]
     offsets = conv.offsets.to_numpy()
-    cls = pc.struct_field(
-        pc.extract_regex(_turn_field(conv, lengths, 1, "value"), f"^{ANSWER_PATTERN.pattern}$"), "cls"
+    question, answer = _turn_field(conv, lengths, 0, "value"), _turn_field(conv, lengths, 1, "value")
+    # Q1 with the image token after it (upstream), before it, or left out: the encoder rewrites the turn.
+    q1_forms = pa.array(
+        [f"{prompts.q1}\n{prompts.image_token}", f"{prompts.image_token}\n{prompts.q1}", prompts.q1]
     )
+    cls = pc.struct_field(pc.extract_regex(answer, f"^{ANSWER_PATTERN.pattern}$"), "cls")
     asks_clarity = (lengths >= 4) & _true(pc.equal(_turn_field(conv, lengths, 2, "value"), prompts.q6))
-    answer = _turn_field(conv, lengths, 3, "value")
-    fine = (
-        _true(pc.greater(pc.utf8_length(ids), 0))
-        & _true(pc.greater(pc.utf8_length(images), 0))
-        & (lengths >= 2)
-        & (null_values[offsets[1:]] == null_values[offsets[:-1]])
-        & _true(pc.equal(_turn_field(conv, lengths, 0, "from"), "human"))
-        & _true(pc.equal(_turn_field(conv, lengths, 1, "from"), "gpt"))
-        & _true(pc.is_in(cls, value_set=pa.array(QA_CLASSES)))
-        & (~asks_clarity | _true(pc.is_in(answer, value_set=pa.array([YES, NO]))))
-    )
-    unclear = np.where(asks_clarity, _true(pc.equal(answer, NO)), None)
+    clarity = _turn_field(conv, lengths, 3, "value")
+    # (passes, reason of a row that fails), in the order a row is judged.
+    checks: list[tuple[np.ndarray, Any]] = [
+        (
+            _true(pc.greater(pc.utf8_length(ids), 0)),
+            lambda i: f"'id' must be a non-empty string, got {ids[i].as_py()!r}",
+        ),
+        (
+            _true(pc.greater(pc.utf8_length(images), 0)),
+            lambda i: f"'image' must be a non-empty string, got {images[i].as_py()!r}",
+        ),
+        (
+            (lengths >= 2) & (null_values[offsets[1:]] == null_values[offsets[:-1]]),
+            lambda i: "'conversations' must hold at least 2 turns with a 'value'",
+        ),
+        (
+            _true(pc.equal(_turn_field(conv, lengths, 0, "from"), "human"))
+            & _true(pc.equal(_turn_field(conv, lengths, 1, "from"), "gpt")),
+            lambda i: "the first two turns must be from 'human' then 'gpt'",
+        ),
+        (
+            _true(pc.is_in(question, value_set=q1_forms)),
+            lambda i: f"question {question[i].as_py()!r} is not Q1 ({prompts.q1!r})",
+        ),
+        (_true(pc.is_valid(cls)), lambda i: f"answer {answer[i].as_py()!r} is not 'The object is <class>.'"),
+        (
+            _true(pc.is_in(cls, value_set=pa.array(QA_CLASSES))),
+            lambda i: f"unknown class {cls[i].as_py()!r}; expected one of {', '.join(QA_CLASSES)}",
+        ),
+        (
+            ~asks_clarity | _true(pc.is_in(clarity, value_set=pa.array([YES, NO]))),
+            lambda i: f"clarity answer {clarity[i].as_py()!r} is neither 'Yes.' nor 'No.'",
+        ),
+    ]
+    fine = np.ones(len(table), dtype=bool)
+    faults: list[Fault] = []
+    for passes, reason in checks:
+        for index in np.flatnonzero(fine & ~passes):
+            sample_id = ids[index].as_py() if checks[0][0][index] else None
+            faults.append((int(lines[index]), sample_id, str(path), f"line {lines[index]}: {reason(index)}"))
+        fine &= passes
     samples = pd.DataFrame(
         {
-            "line": np.flatnonzero(fine) + 1,
+            "line": lines[fine],
             "id": pd.array(ids.filter(fine), dtype="string"),
             "image": pd.array(images.filter(fine), dtype="string"),
             "cls": pd.array(cls.filter(fine), dtype="string"),
-            "unclear": unclear[fine],
+            "unclear": np.where(asks_clarity, _true(pc.equal(clarity, NO)), None)[fine],
         }
     )
-    records, faults = [], []
-    for index in np.flatnonzero(~fine):
-        try:
-            records.append(
-                (index + 1, *_parse_row(table.slice(index, 1).to_pylist()[0], path, index + 1, prompts))
-            )
-        except BadSample as bad:
-            faults.append((index + 1, bad.sample_id, bad.path, bad.reason))
-    if records:
-        samples = pd.concat([samples, _samples_frame(records)]).sort_values("line", ignore_index=True)
     return samples, faults
 
 
@@ -475,6 +484,50 @@ def drop_unlabelled(table: pd.DataFrame, report: StageReport, source: Path | str
 
 
 # --- building rows -----------------------------------------------------------------------------------
+
+
+class DegenerateOutput(StageError):
+    """An output that would train nothing: no rows, or a clarity answer that never varies."""
+
+
+def check_not_degenerate(
+    out: Path | str,
+    rows: pd.DataFrame,
+    report: StageReport,
+    *,
+    labelled: bool,
+    allow: bool = False,
+    unit: str = "source row",
+) -> None:
+    """Refuse an output with no rows, or, when ``labelled``, with one clarity label only.
+
+    Args:
+        out: The output (or input) named in the message.
+        rows: The rows the output would be written from (``unclear`` is read when ``labelled``).
+        report: The source's report: its counts go into the message.
+        labelled: Whether the output carries clarity answers (SFT2, CoT, pairs).
+        allow: Let a degenerate output through (``--allow-degenerate``).
+        unit: What the report counts, for the message (``source row``, ``sample``).
+    Raises:
+        DegenerateOutput: Naming the output, the label counts and the source counts.
+    """
+    if not len(rows):
+        problem = "no rows"
+    elif labelled and rows["unclear"].nunique(dropna=True) < 2:
+        no = int(rows["unclear"].sum())
+        problem = f"one clarity answer only: {len(rows) - no} 'Yes.', {no} 'No.'"
+    else:
+        return
+    if allow:
+        return
+    counts = [
+        f"{report.total} {unit}{'s' * (report.total != 1)}",
+        f"{len(report.quarantined)} quarantined",
+    ]
+    unmatched = report.extra.get("unclear_ids_unmatched")
+    if unmatched:
+        counts.append(f"{unmatched} unclear id{' names' if unmatched == 1 else 's name'} no row")
+    raise DegenerateOutput(f"{out}: {problem} ({', '.join(counts)}); pass --allow-degenerate to write it")
 
 
 def build_rows(table: pd.DataFrame, stage: str, cfg: CotConfig | None = None) -> pd.DataFrame:
@@ -661,6 +714,10 @@ def write_sidecar_quarantine(out: Path, report: StageReport) -> Path | None:
     )
 
 
+class NoClarityLabels(ValueError):
+    """SFT2 or CoT rows asked of a source that carries no clarity label and was given no id list."""
+
+
 def build(
     stage: str,
     source: Path,
@@ -681,6 +738,11 @@ def build(
         image_root: Image folder: rows with a missing image are quarantined; written into meta.json.
     Returns:
         Report with rows written (``ok``), quarantined rows and ``extra`` counts.
+    Raises:
+        NoClarityLabels: sft2/cot from rows without Q6 and no ``unclear_ids``.
+        DegenerateOutput: No rows, or one clarity answer only, and ``cfg.allow_degenerate`` is off;
+            nothing is written but the quarantine sidecar.
+        BadSample: ``unclear_ids`` is not an id list.
     """
     cfg = cfg or CotConfig()
     with Timer() as timer:
@@ -691,14 +753,15 @@ def build(
             report.extra["unclear_ids_unmatched"] = len(wrong - set(table["id"]))
         if stage in ("sft2", "cot"):
             if len(table) and table["unclear"].isna().all():
-                raise ValueError(f"--stage {stage} needs clarity labels: the rows carry no Q6 turn")
+                raise NoClarityLabels(f"--stage {stage} needs clarity labels: the rows carry no Q6 turn")
             table = drop_unlabelled(table, report, source)
         rows = build_rows(table, stage, cfg)
         check_rows(rows)
+        write_sidecar_quarantine(out, report)
+        check_not_degenerate(out, rows, report, labelled=stage in ("sft2", "cot"), allow=cfg.allow_degenerate)
         report.ok = write_dataset(
             out, encode_rows(rows, cfg.prompts), trl_table(rows, cfg.prompts, image_root), image_root
         )
-        write_sidecar_quarantine(out, report)
     report.seconds = timer.seconds
     report.stage = f"cot-{stage}"
     report.extra.update(turn_counts(rows))
@@ -736,19 +799,22 @@ def cli() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="output JSONL")
 @click.option(
     "--cot-fraction",
-    type=float,
+    type=click.FloatRange(0.0, 1.0),
     default=CotConfig.model_fields["cot_fraction"].default,
     show_default=True,
     help=field_help(CotConfig, "cot_fraction"),
 )
-@click.option("--seed", type=int, default=0, show_default=True, help=field_help(CotConfig, "seed"))
-@click.option("--limit", type=int, default=None, help=field_help(CotConfig, "limit"))
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help=field_help(CotConfig, "seed")
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help=field_help(CotConfig, "limit"))
 @click.option(
     "--image-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="image folder: rows whose image is missing there are quarantined; written into meta.json",
 )
+@click.option("--allow-degenerate", is_flag=True, help=field_help(CotConfig, "allow_degenerate"))
 def build_command(
     stage: str,
     source: Path,
@@ -758,15 +824,18 @@ def build_command(
     seed: int,
     limit: int | None,
     image_root: Path | None,
+    allow_degenerate: bool,
 ) -> None:
     """Write OUT (JSONL), OUT.parquet (trl) and OUT.meta.json (InternVL) for one training stage."""
-    cfg = CotConfig(cot_fraction=cot_fraction, seed=seed, limit=limit)
+    cfg = CotConfig(cot_fraction=cot_fraction, seed=seed, limit=limit, allow_degenerate=allow_degenerate)
     try:
         report = build(stage, source, out, unclear_ids=unclear_ids, cfg=cfg, image_root=image_root)
     except BadSample as bad:
         raise click.BadParameter(str(bad), param_hint="--unclear-ids") from bad
-    except ValueError as exc:
+    except NoClarityLabels as exc:
         raise click.UsageError(f"{exc}; pass --unclear-ids") from exc
+    except DegenerateOutput as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.summary()))
     for item in report.quarantined[:10]:
         click.echo(f"quarantined {item.sample_id}: {item.path}: {item.reason}", err=True)

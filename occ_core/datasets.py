@@ -4,18 +4,26 @@ Command::
 
     python -m occ_core.datasets --root ROOT --split train [--grader visibility] [--predictions P.json]
         [--renders VIEWS_DIR] [--cot-fraction 0.25] [--balance/--no-balance] [--stratify] [--seed 0]
+        [--allow-degenerate]
 
-Everything lands in ``stage_dir("datasets", key)``, the key hashing the split's files (ids, sizes and
-modification times of meta, segm and rgb), the predictions file, the renders, the parameters and this
-code. Each dataset is a JSONL in the method's format, the same rows as trl Parquet, and an InternVL
-meta.json (see occ_core.cot):
+Everything lands in ``stage_dir("datasets", key)``, the key hashing the split's absolute path and its
+files (ids, sizes and modification times of meta, segm and rgb), the predictions file, the renders
+(path and files), the parameters and this code: every path the outputs name is in it. Each dataset
+is a JSONL in the method's format, the same rows as trl Parquet, and an InternVL meta.json (see
+occ_core.cot):
 
 - ``samples.parquet``: one row per usable image: id, image, cls, visibility, model_error, unclear;
 - ``sft1``, ``sft2`` (all images), ``sft2_balanced`` (when balancing), ``cot`` and ``pairs`` (from
   the balanced set, as upstream built them), ``sc`` (Q1 rows) and ``view3d`` (Q1 on the view-0
   render, when a renders folder is given; images without a render are counted, not quarantined);
-- ``quarantine.jsonl`` (bad samples with file and reason) and ``summary.json`` (statistics, written
-  last: a stage directory with it is complete, and running again is a no-op).
+- ``quarantine.jsonl``: bad samples with file and reason. A sample is every id with a file in one of
+  the split's folders; it is used only when its meta, segm and rgb are present and decode
+  (obman.validate_sample);
+- ``summary.json`` (statistics, written last: a stage directory with it is complete, and running
+  again is a no-op).
+
+A split whose images all get one clarity label is an error with the counts (it would give no pairs
+and a clarity answer that never varies), unless ``allow_degenerate`` is set.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any
 import click
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from occ_core import cot, jsonl, obman, occlusion, preference
 from occ_core.config import Settings, field_help
@@ -39,6 +47,7 @@ from occ_core.errors import BadSample, StageError
 from occ_core.fsio import sha256_file, write_json_atomic, write_parquet_atomic
 from occ_core.occlusion import GraderConfig
 from occ_core.preference import BalanceConfig
+from occ_core.splits import SplitName
 from occ_core.stage import StageReport, Timer, code_version, stage_dir, stage_key
 
 STAGE = "datasets"
@@ -51,7 +60,7 @@ class DatasetsConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     root: Path = Field(description="ObMan dataset root holding {split}/rgb, segm and meta")
-    split: str = Field("train", description="split to turn into training data")
+    split: SplitName = Field("train", description="split to turn into training data")
     grader: GraderConfig = Field(default_factory=GraderConfig, description="clarity grader and its threshold")
     predictions: Path | None = Field(
         None,
@@ -70,8 +79,9 @@ class DatasetsConfig(BaseModel):
     balance: bool = Field(True, description=field_help(BalanceConfig, "balance"))
     stratify: bool = Field(False, description=field_help(BalanceConfig, "stratify"))
     seed: int = Field(
-        0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
+        0, ge=0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
     )
+    allow_degenerate: bool = Field(False, description=field_help(CotConfig, "allow_degenerate"))
     prompts: Prompts = Field(
         default_factory=Prompts, description="question strings and their upstream variants"
     )
@@ -84,8 +94,14 @@ class DatasetsConfig(BaseModel):
         return BalanceConfig(balance=self.balance, stratify=self.stratify, seed=self.seed)
 
     def stage_params(self) -> dict[str, Any]:
-        """Parameters that decide the outputs: paths are replaced by their content in the stage key."""
-        return self.model_dump(mode="json", exclude={"root", "predictions", "renders", "shard_size"})
+        """Parameters that decide the outputs: paths are replaced by their content in the stage key.
+
+        ``allow_degenerate`` is left out: it decides only whether a degenerate output is written, never
+        what an output holds.
+        """
+        return self.model_dump(
+            mode="json", exclude={"root", "predictions", "renders", "shard_size", "allow_degenerate"}
+        )
 
 
 @dataclass(frozen=True)
@@ -141,45 +157,48 @@ def plan(cfg: DatasetsConfig, settings: Settings | None = None) -> DatasetsPlan:
     """
     refs = obman.list_samples(cfg.root, cfg.split)
     if not refs:
-        raise StageError(f"{Path(cfg.root) / cfg.split}: no samples (no meta/*.pkl)")
+        raise StageError(
+            f"{Path(cfg.root) / cfg.split}: no samples (no file in {', '.join(obman.SAMPLE_FILES)})"
+        )
     ids = [r.sample_id for r in refs]
     code = code_version(cot, preference, occlusion, jsonl, obman, sys.modules[__name__])
-    inputs = [split_fingerprint(refs)]
+    # The outputs name the absolute root (meta.json, trl image paths, quarantine records): so does the key.
+    inputs = [f"root:{Path(cfg.root).resolve()}", split_fingerprint(refs)]
     scan_key = stage_key(inputs, {"split": cfg.split}, code)
     if cfg.predictions is not None:
         inputs.append("predictions:" + sha256_file(cfg.predictions))
     if cfg.renders is not None:
-        inputs.append(renders_fingerprint(cfg.renders, cfg.split, ids))
+        renders = Path(cfg.renders).resolve()
+        inputs += [f"renders-path:{renders}", renders_fingerprint(renders, cfg.split, ids)]
     key = stage_key(inputs, cfg.stage_params(), code)
     shards = tuple(tuple(ids[i : i + cfg.shard_size]) for i in range(0, len(ids), cfg.shard_size))
     return DatasetsPlan(key, scan_key, stage_dir(STAGE, key, settings), shards)
 
 
 def scan_sample(ref: obman.SampleRef) -> tuple[str, str, float]:
-    """Class, image name and visible share of one frame.
+    """Class, image name and visible share of one frame, admitted by obman.validate_sample first.
 
     Raises:
-        BadSample: Bad or missing meta, unknown class, missing image, bad or empty segm.
+        BadSample: A missing or undecodable meta, segm or rgb, an unknown class, an empty segm.
     """
-    meta = obman.load_meta(ref.meta_path)
-    cls = obman.qa_class(meta, ref.meta_path)
-    if not ref.rgb_path.is_file():
-        raise BadSample(ref.rgb_path, "missing image", ref.sample_id)
+    sample = obman.validate_sample(ref, ("meta", "segm", "rgb"))
+    cls = obman.qa_class(sample.meta, ref.meta_path)
     try:
-        visibility = occlusion.visibility_ratio(obman.read_segm(ref.segm_path))
+        visibility = occlusion.visibility_ratio(sample.segm)
     except ValueError as exc:
         raise BadSample(ref.segm_path, str(exc), ref.sample_id) from exc
     return cls, ref.rgb_path.name, visibility
 
 
 def scan_shard(root: Path, split: str, ids: tuple[str, ...]) -> ScanResult:
-    """Read the meta and segm of one shard of samples; bad ones are quarantined and the rest go on."""
+    """Read the meta, segm and rgb of one shard of samples; bad ones are quarantined and the rest go on."""
     report = StageReport(STAGE)
     rows = []
+    root = Path(root).resolve()  # quarantine records name absolute files, as the stage key does
     with Timer() as timer:
         for sample_id in ids:
             try:
-                cls, image, visibility = scan_sample(obman.SampleRef(Path(root), split, sample_id))
+                cls, image, visibility = scan_sample(obman.SampleRef(root, split, sample_id))
             except BadSample as bad:
                 report.quarantine(sample_id, bad.path, bad.reason)
                 continue
@@ -191,10 +210,14 @@ def scan_shard(root: Path, split: str, ids: tuple[str, ...]) -> ScanResult:
     )
 
 
-def _samples_table(scans: list[ScanResult]) -> pd.DataFrame:
+def _samples_table(scans: list[ScanResult], report: StageReport) -> pd.DataFrame:
     frames = [s.table for s in scans if len(s.table)]
     if not frames:
-        raise StageError("no usable samples: every sample of the split was quarantined")
+        first = report.quarantined[0] if report.quarantined else None
+        raise StageError(
+            f"no usable samples: every sample of the split was quarantined ({report.failed} of "
+            f"{report.total}" + (f"; first: {first.path}: {first.reason})" if first else ")")
+        )
     return pd.concat(frames, ignore_index=True).sort_values("id", ignore_index=True)
 
 
@@ -220,7 +243,7 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         return {**json.loads((plan.out_dir / SUMMARY).read_text()), "cached": True}
     with Timer() as timer:
         report = StageReport.merge(STAGE, [s.report for s in scans])
-        table = _samples_table(scans)
+        table = _samples_table(scans, report)
         errors, errors_info = None, None
         if cfg.predictions is not None:
             errors, errors_info = occlusion.model_errors(
@@ -236,6 +259,15 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
         table = table.assign(
             model_error=pd.array(errors if errors is not None else [None] * len(table), dtype="boolean"),
             unclear=pd.array(grading.unclear, dtype="boolean"),
+        )
+        # Before any file is written: a stage directory holds either a complete run or nothing.
+        cot.check_not_degenerate(
+            f"{Path(cfg.root) / cfg.split} (grader {cfg.grader.name})",
+            table,
+            report,
+            labelled=True,
+            allow=cfg.allow_degenerate,
+            unit="sample",
         )
         out, prompts = plan.out_dir, cfg.prompts
         image_root = obman.SampleRef(cfg.root, cfg.split, table["id"].iloc[0]).rgb_path.parent.resolve()
@@ -261,7 +293,7 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
             present = np.array([(cfg.renders / name).is_file() for name in view_rows["image"]], dtype=bool)
             renders_missing = int((~present).sum())
             rows["view3d"] = _write(
-                out, "view3d", view_rows[present].reset_index(drop=True), prompts, Path(cfg.renders)
+                out, "view3d", view_rows[present].reset_index(drop=True), prompts, Path(cfg.renders).resolve()
             )
         report.write_quarantine(out)
     labels = {"final": grading.unclear}
@@ -349,6 +381,33 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Config field (its last location part) -> the option that sets it, where the two names differ.
+_OPTION_OF_FIELD = {"name": "--grader"}
+
+
+def config_from_options(**options: Any) -> DatasetsConfig:
+    """The DatasetsConfig of a command line: ``grader`` names the grader, and options named after a
+    GraderConfig field (``threshold``) set that field.
+
+    Raises:
+        click.UsageError: A value is invalid; one line naming the option and the reason (exit 2).
+    """
+    grading = {k: options.pop(k) for k in list(options) if k in GraderConfig.model_fields}
+    if "grader" in options:
+        grading["name"] = options.pop("grader")
+    try:
+        return DatasetsConfig(grader=GraderConfig(**grading), **options)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_OPTION_OF_FIELD.get(str(e['loc'][-1]), '--' + str(e['loc'][-1]).replace('_', '-'))}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise click.UsageError(
+            f"invalid value for {problems}", click.get_current_context(silent=True)
+        ) from None
+
+
 @click.command()
 @click.option(
     "--root",
@@ -395,34 +454,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     "--stratify/--no-stratify", default=False, show_default=True, help=field_help(DatasetsConfig, "stratify")
 )
 @click.option("--seed", type=int, default=0, show_default=True, help=field_help(DatasetsConfig, "seed"))
-def cli(
-    root: Path,
-    split: str,
-    grader: str,
-    threshold: float | None,
-    predictions: Path | None,
-    allow_partial_predictions: bool,
-    renders: Path | None,
-    cot_fraction: float,
-    sc_limit: int | None,
-    balance: bool,
-    stratify: bool,
-    seed: int,
-) -> None:
+@click.option("--allow-degenerate", is_flag=True, help=field_help(DatasetsConfig, "allow_degenerate"))
+def cli(**options: Any) -> None:
     """Build every training dataset of one ObMan split and print the statistics."""
-    cfg = DatasetsConfig(
-        root=root,
-        split=split,
-        grader=GraderConfig(name=grader, threshold=threshold),
-        predictions=predictions,
-        allow_partial_predictions=allow_partial_predictions,
-        renders=renders,
-        cot_fraction=cot_fraction,
-        sc_limit=sc_limit,
-        balance=balance,
-        stratify=stratify,
-        seed=seed,
-    )
+    cfg = config_from_options(**options)
     try:
         summary = run(cfg)
     except (StageError, BadSample) as exc:

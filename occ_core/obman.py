@@ -14,6 +14,7 @@ Inspect a split from the shell:
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ DEPTH_CONVENTIONS = ("writer", "reader")
 DEPTH_KINDS = ("radial", "planar")
 
 
+# Every file of a frame: kind -> (folder, extension). A frame is any id with a file in one of them.
+SAMPLE_FILES: dict[str, tuple[str, str]] = {
+    "rgb": ("rgb", "jpg"),
+    "rgb_obj": ("rgb_obj", "jpg"),
+    "segm": ("segm", "png"),
+    "depth": ("depth", "png"),
+    "meta": ("meta", "pkl"),
+}
+
+
 @dataclass(frozen=True)
 class SampleRef:
     """Where one ObMan frame lives: ``root/split/<folder>/<sample_id>.<ext>``."""
@@ -77,43 +88,63 @@ class SampleRef:
     split: str
     sample_id: str
 
-    def _file(self, folder: str, ext: str) -> Path:
+    def path(self, kind: str) -> Path:
+        """The file of one kind of SAMPLE_FILES (``rgb``, ``rgb_obj``, ``segm``, ``depth``, ``meta``)."""
+        folder, ext = SAMPLE_FILES[kind]
         return Path(self.root) / self.split / folder / f"{self.sample_id}.{ext}"
 
     @property
     def rgb_path(self) -> Path:
-        return self._file("rgb", "jpg")
+        return self.path("rgb")
 
     @property
     def rgb_obj_path(self) -> Path:
-        return self._file("rgb_obj", "jpg")
+        return self.path("rgb_obj")
 
     @property
     def segm_path(self) -> Path:
-        return self._file("segm", "png")
+        return self.path("segm")
 
     @property
     def depth_path(self) -> Path:
-        return self._file("depth", "png")
+        return self.path("depth")
 
     @property
     def meta_path(self) -> Path:
-        return self._file("meta", "pkl")
+        return self.path("meta")
+
+
+def _stems(folder: Path, suffix: str) -> set[str]:
+    # scandir, not glob: 150k entries per folder; hidden files (._x.jpg from macOS copies) are no frames.
+    try:
+        with os.scandir(folder) as entries:
+            return {
+                e.name[: -len(suffix)]
+                for e in entries
+                if e.name.endswith(suffix) and not e.name.startswith(".") and e.is_file()
+            }
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def list_samples(root: Path, split: str) -> list[SampleRef]:
-    """Every frame of a split, found by its meta pickle (ids are sparse), sorted by id.
+    """Every frame of a split: each id with a file in any of its folders (ids are sparse), sorted by id.
+
+    A frame missing some of its files is listed all the same, so that the stage reading it quarantines
+    and counts it (see validate_sample) instead of losing it silently.
 
     Args:
         root: Dataset root holding the split folders.
         split: ``train``, ``val`` or ``test``.
     Returns:
-        One SampleRef per ``meta/*.pkl``; an empty list when the split has no meta folder.
+        One SampleRef per id found under ``root/split/{rgb,rgb_obj,segm,depth,meta}``; an empty list when
+        the split has none of those folders.
     """
-    meta_dir = Path(root) / split / "meta"
-    if not meta_dir.is_dir():
-        return []
-    return [SampleRef(Path(root), split, p.stem) for p in sorted(meta_dir.glob("*.pkl"))]
+    base = Path(root) / split
+    ids: set[str] = set()
+    for folder, ext in SAMPLE_FILES.values():
+        ids |= _stems(base / folder, f".{ext}")
+    return [SampleRef(Path(root), split, sample_id) for sample_id in sorted(ids)]
 
 
 # --- meta pickles ---------------------------------------------------------------------------------
@@ -336,6 +367,92 @@ def read_depth(path: Path, meta: dict, convention: str | None = None) -> np.ndar
     return np.stack(channels, axis=-1)
 
 
+# --- admitting a sample ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """The decoded files of one frame; a kind that was not asked for is None."""
+
+    ref: SampleRef
+    meta: dict | None = None
+    rgb: np.ndarray | None = None
+    rgb_obj: np.ndarray | None = None
+    segm: np.ndarray | None = None
+    depth: np.ndarray | None = None
+
+
+def validate_sample(
+    ref: SampleRef, need: tuple[str, ...] = ("rgb", "segm", "meta"), convention: str | None = None
+) -> SampleData:
+    """Admit one frame: every file in ``need`` is present and decodes fully, and its images agree in size.
+
+    The one admission rule of every stage that reads ObMan frames (datasets, reconstruct, render), so a
+    file one stage quarantines is never a training row of another. Each file is read and decoded once.
+
+    Args:
+        ref: The frame.
+        need: Kinds of SAMPLE_FILES the caller uses; ``depth`` reads ``meta`` too, for its ranges.
+        convention: Depth direction (see decode_depth); None takes settings.depth_convention.
+    Returns:
+        The decoded pieces: meta (validated), images as read_rgb / read_segm / read_depth return them.
+    Raises:
+        BadSample: Naming the file, the reason and the sample id: a file missing (the reason lists every
+            missing kind), unreadable, truncated, corrupt, not 3-channel, or of another size.
+        ValueError: A kind outside SAMPLE_FILES (a bug in the caller).
+    """
+    unknown = set(need) - set(SAMPLE_FILES)
+    if unknown:
+        raise ValueError(
+            f"unknown sample file kinds {sorted(unknown)}; expected some of {list(SAMPLE_FILES)}"
+        )
+    missing = [kind for kind in need if not ref.path(kind).is_file()]
+    if missing:
+        others = f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""
+        raise BadSample(ref.path(missing[0]), f"file is missing{others}", ref.sample_id)
+    pieces: dict[str, Any] = {}
+    try:
+        if "meta" in need or "depth" in need:
+            pieces["meta"] = load_meta(ref.meta_path)
+        for kind in ("rgb", "rgb_obj"):
+            if kind in need:
+                pieces[kind] = read_rgb(ref.path(kind))
+        if "segm" in need:
+            pieces["segm"] = read_segm(ref.segm_path)
+        if "depth" in need:
+            pieces["depth"] = read_depth(ref.depth_path, pieces["meta"], convention)
+    except BadSample as bad:
+        raise BadSample(bad.path, bad.reason, ref.sample_id) from None
+    sizes = {kind: value.shape[:2] for kind, value in pieces.items() if kind != "meta"}
+    first = next(iter(sizes), None)
+    for kind, size in sizes.items():
+        if size != sizes[first]:
+            raise BadSample(
+                ref.path(kind),
+                f"{kind} is {size[1]}x{size[0]} but {first} is {sizes[first][1]}x{sizes[first][0]}",
+                ref.sample_id,
+            )
+    return SampleData(ref, **pieces)
+
+
+def admit_samples(
+    refs: list[SampleRef] | tuple[SampleRef, ...], need: tuple[str, ...]
+) -> tuple[list[SampleRef], list[BadSample]]:
+    """Split frames into those validate_sample admits and the reasons the others are refused.
+
+    For stages whose backends read the files themselves; the decoded pieces are not kept.
+    """
+    admitted, refused = [], []
+    for ref in refs:
+        try:
+            validate_sample(ref, need)
+        except BadSample as bad:
+            refused.append(bad)
+        else:
+            admitted.append(ref)
+    return admitted, refused
+
+
 # --- object and camera ----------------------------------------------------------------------------
 
 
@@ -426,11 +543,8 @@ def _describe_split(root: Path, split: str, convention: str) -> dict[str, Any]:
     visibility: list[float] = []
     for ref in refs:
         try:
-            meta = load_meta(ref.meta_path)
+            meta = validate_sample(ref, ("meta", "rgb", "segm", "depth"), convention).meta
             classes[qa_class(meta, ref.meta_path)] += 1
-            read_segm(ref.segm_path)
-            read_depth(ref.depth_path, meta, convention)
-            read_rgb(ref.rgb_path)
             visibility.append(float(meta["obj_visibility_ratio"]))
         except BadSample as exc:
             bad.append(str(exc))

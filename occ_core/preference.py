@@ -3,6 +3,7 @@
 Command (writes PAIRS.jsonl, PAIRS.parquet for trl and PAIRS.meta.json for InternVL)::
 
     occ pairs build --source SFT2.jsonl --out PAIRS.jsonl [--balance/--no-balance] [--seed N] [--stratify]
+        [--allow-degenerate]
     python -m occ_core.preference build ...
 
 A pair row is ``{"image", "question", "chosen", "rejected"}``: the question is Q6 with a trailing
@@ -33,7 +34,10 @@ from occ_core.cot import (
     MESSAGES,
     NO,
     YES,
+    CotConfig,
+    DegenerateOutput,
     Prompts,
+    check_not_degenerate,
     check_rows,
     drop_unlabelled,
     field_help,
@@ -60,7 +64,7 @@ class BalanceConfig(BaseModel):
     stratify: bool = Field(
         False, description="draw the kept majority rows per class, so rare classes are kept"
     )
-    seed: int = Field(0, description="seed of the balancing draw and shuffle; part of the stage key")
+    seed: int = Field(0, ge=0, description="seed of the balancing draw and shuffle; part of the stage key")
 
 
 def allocate(counts: np.ndarray, n: int) -> np.ndarray:
@@ -189,19 +193,26 @@ def build(
     *,
     prompts: Prompts | None = None,
     image_root: Path | None = None,
+    allow_degenerate: bool = False,
 ) -> StageReport:
     """Pairs from SFT2 rows, balanced first unless ``cfg.balance`` is off (the call behind
     ``occ pairs build``).
 
     Rows without a Q6 turn answered ``Yes.``/``No.`` are quarantined (upstream skipped them silently).
+
+    Raises:
+        DegenerateOutput: The labelled rows hold one clarity answer only (no pair could be balanced,
+            every chosen answer would be the same) or none at all, and ``allow_degenerate`` is off;
+            nothing is written but the quarantine sidecar.
     """
     cfg, prompts = cfg or BalanceConfig(), prompts or Prompts()
     with Timer() as timer:
         table, report = read_rows(source, prompts, image_root)
         table = drop_unlabelled(table, report, source)
+        write_sidecar_quarantine(out, report)
+        check_not_degenerate(out, table, report, labelled=True, allow=allow_degenerate)
         balanced = balance_labels(table, cfg) if cfg.balance else table
         report.ok = write_pairs(out, balanced, prompts, image_root)
-        write_sidecar_quarantine(out, report)
     report.stage, report.seconds = "pairs", timer.seconds
     report.extra.update(
         rows_before=len(table),
@@ -230,7 +241,9 @@ def cli() -> None:
 @click.option(
     "--balance/--no-balance", default=True, show_default=True, help=field_help(BalanceConfig, "balance")
 )
-@click.option("--seed", type=int, default=0, show_default=True, help=field_help(BalanceConfig, "seed"))
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help=field_help(BalanceConfig, "seed")
+)
 @click.option(
     "--stratify/--no-stratify", default=False, show_default=True, help=field_help(BalanceConfig, "stratify")
 )
@@ -240,13 +253,27 @@ def cli() -> None:
     default=None,
     help="image folder: rows whose image is missing there are quarantined; written into meta.json",
 )
+@click.option("--allow-degenerate", is_flag=True, help=field_help(CotConfig, "allow_degenerate"))
 def build_command(
-    source: Path, out: Path, balance: bool, seed: int, stratify: bool, image_root: Path | None
+    source: Path,
+    out: Path,
+    balance: bool,
+    seed: int,
+    stratify: bool,
+    image_root: Path | None,
+    allow_degenerate: bool,
 ) -> None:
     """Write OUT (pairs JSONL), OUT.parquet (trl) and OUT.meta.json (InternVL)."""
-    report = build(
-        source, out, BalanceConfig(balance=balance, seed=seed, stratify=stratify), image_root=image_root
-    )
+    try:
+        report = build(
+            source,
+            out,
+            BalanceConfig(balance=balance, seed=seed, stratify=stratify),
+            image_root=image_root,
+            allow_degenerate=allow_degenerate,
+        )
+    except DegenerateOutput as exc:
+        raise click.ClickException(str(exc)) from exc
     stats = report.extra.pop("balance")
     click.echo(json.dumps(report.summary()))
     for row in stats:

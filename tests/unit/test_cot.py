@@ -120,50 +120,88 @@ def test_bad_rows_are_quarantined_with_line_and_reason(tmp_path, line, reason):
     assert report.failed == 1 and reason in report.quarantined[0].reason
 
 
-def test_column_checks_and_the_line_reader_judge_every_row_alike(tmp_path):
-    q6 = Prompts().q6
-    rows = [
-        json.loads(q1_line("00000001", "jar")),
-        {"id": "", "image": "x.jpg", "conversations": []},
-        {"id": "00000003", "image": "3.jpg"},
-        {
-            "id": "00000004",
-            "image": "4.jpg",
-            "conversations": [
-                {"from": "gpt", "value": "The object is jar."},
-                {"from": "human", "value": "x"},
-            ],
-        },
-        json.loads(q1_line("00000005", "jar").replace("jar.", "remote control.")),
-        json.loads(q1_line("00000001", "can")),
-        {**json.loads(q1_line("00000007", "bowl")), "extra": 1},
-        json.loads(q1_line("00000008", "can"))
-        | {
-            "conversations": json.loads(q1_line("8", "can"))["conversations"]
-            + [{"from": "human", "value": q6}, {"from": "gpt", "value": "No."}]
-        },
-        json.loads(q1_line("00000009", "can"))
-        | {
-            "conversations": json.loads(q1_line("9", "can"))["conversations"]
-            + [{"from": "human", "value": q6}, {"from": "gpt", "value": "Maybe"}]
-        },
-        json.loads(q1_line("00000010", "knife"))
-        | {
-            "conversations": [
-                {"from": "human", "value": None},
-                {"from": "gpt", "value": "The object is jar."},
-            ]
-        },
-    ]
+def test_rows_whose_question_is_not_q1_are_quarantined(tmp_path):
+    other = q1_line("00000002", "jar").replace(
+        "What's the object in the hand?", "How many fingers are visible?"
+    )
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(dumps(r) + "\n" for r in rows))
-    prompts = Prompts()
-    parsed = cot._parse_whole_file(path)
-    assert parsed is not None
-    by_columns, by_lines = cot._check_parsed(parsed, path, prompts), cot._read_line_by_line(path, prompts)
-    assert by_columns[0].to_dict("list") == by_lines[0].to_dict("list")
-    assert by_columns[1] == by_lines[1]
-    assert by_lines[0]["id"].tolist() == ["00000001", "00000001", "00000007", "00000008"]
+    path.write_text(q1_line("00000001", "jar") + "\n" + other + "\n")
+    table, report = cot.read_rows(path)
+    assert list(table["id"]) == ["00000001"]
+    assert [q.sample_id for q in report.quarantined] == ["00000002"]
+    assert (
+        "line 2: question 'How many fingers are visible?\\n<image>' is not Q1" in report.quarantined[0].reason
+    )
+
+
+def test_q1_with_the_image_token_first_or_without_it_is_q1(tmp_path):
+    q1 = "What's the object in the hand?"
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        q1_line("00000001", "jar").replace(f"{q1}\\n<image>", f"<image>\\n{q1}")
+        + "\n"
+        + q1_line("00000002", "jar").replace(f"{q1}\\n<image>", q1)
+        + "\n"
+    )
+    table, report = cot.read_rows(path)
+    assert list(table["id"]) == ["00000001", "00000002"] and not report.quarantined
+
+
+WRONG_ROWS = [
+    json.loads(q1_line("00000001", "jar")),
+    {"id": "", "image": "x.jpg", "conversations": []},
+    {"id": "00000003", "image": "3.jpg"},
+    {
+        "id": "00000004",
+        "image": "4.jpg",
+        "conversations": [{"from": "gpt", "value": "The object is jar."}, {"from": "human", "value": "x"}],
+    },
+    json.loads(q1_line("00000005", "jar").replace("jar.", "remote control.")),
+    json.loads(q1_line("00000001", "can")),
+    {**json.loads(q1_line("00000007", "bowl")), "extra": 1},
+    json.loads(q1_line("00000008", "can"))
+    | {
+        "conversations": json.loads(q1_line("8", "can"))["conversations"]
+        + [{"from": "human", "value": Prompts().q6}, {"from": "gpt", "value": "No."}]
+    },
+    json.loads(q1_line("00000009", "can"))
+    | {
+        "conversations": json.loads(q1_line("9", "can"))["conversations"]
+        + [{"from": "human", "value": Prompts().q6}, {"from": "gpt", "value": "Maybe"}]
+    },
+    json.loads(q1_line("00000010", "knife"))
+    | {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "The object is jar."}]},
+    json.loads(q1_line("00000011", "jar")) | {"image": None},
+]
+
+
+def test_a_file_arrow_reads_whole_and_one_read_line_by_line_are_judged_by_one_validator(tmp_path):
+    whole, by_lines = tmp_path / "whole.jsonl", tmp_path / "lines.jsonl"
+    whole.write_text("".join(dumps(r) + "\n" for r in WRONG_ROWS))
+    by_lines.write_text(whole.read_text() + "\n")  # a blank last line: Arrow's count doubts the file
+    assert cot._parse_whole_file(whole) is not None and cot._parse_whole_file(by_lines) is None
+    (first, first_report), (second, second_report) = cot.read_rows(whole), cot.read_rows(by_lines)
+    assert first.to_dict("list") == second.to_dict("list")
+    assert first["id"].tolist() == ["00000001", "00000007", "00000008"]
+    assert first_report.quarantined == [
+        q if q.path != str(by_lines) else type(q)(q.sample_id, str(whole), q.reason)
+        for q in second_report.quarantined
+    ]
+    reasons = {q.sample_id: q.reason for q in first_report.quarantined}
+    assert reasons["line 2"] == "line 2: 'id' must be a non-empty string, got ''"
+    assert reasons["00000003"].startswith("line 3: 'conversations' must hold at least 2 turns")
+    assert reasons["00000004"] == "line 4: the first two turns must be from 'human' then 'gpt'"
+    assert reasons["00000005"].startswith("line 5: unknown class 'remote control'")
+    assert reasons["00000009"] == "line 9: clarity answer 'Maybe' is neither 'Yes.' nor 'No.'"
+    assert reasons["00000011"] == "line 11: 'image' must be a non-empty string, got None"
+
+
+def test_a_row_of_the_wrong_types_is_quarantined_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(q1_line("00000001", "jar") + "\n" + '{"id": 7, "image": "7.jpg"}\n')
+    table, report = cot.read_rows(path)
+    assert list(table["id"]) == ["00000001"]
+    assert report.quarantined[0].reason.startswith("line 2: fields of the wrong type")
 
 
 def test_a_blank_line_sends_the_file_to_the_line_reader(tmp_path):
@@ -281,3 +319,37 @@ def test_occ_cot_build_sft2_without_any_label_is_a_usage_error(tmp_path, q1_file
     )
     assert result.exit_code == 2 and "--unclear-ids" in result.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_sft2_whose_unclear_ids_name_no_row_is_an_error_with_the_counts(tmp_path, q1_file):
+    (tmp_path / "ids.json").write_text('[{"answer": "99999999"}]')
+    out = tmp_path / "sft2.jsonl"
+    args = ["cot", "build", "--stage", "sft2", "--source", str(q1_file), "--unclear-ids"]
+    result = CliRunner().invoke(main, [*args, str(tmp_path / "ids.json"), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "one clarity answer only: 4 'Yes.', 0 'No.'" in result.output
+    assert "1 unclear id names no row" in result.output and "--allow-degenerate" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(
+        main, [*args, str(tmp_path / "ids.json"), "--out", str(out), "--allow-degenerate"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_every_row_quarantined_is_an_error(tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_text(q1_line("00000001", "mug") + "\n")
+    with pytest.raises(cot.DegenerateOutput, match=r"no rows \(1 source row, 1 quarantined"):
+        cot.build("sft1", source, tmp_path / "o.jsonl")
+
+
+def test_a_negative_seed_is_a_usage_error_naming_the_seed(tmp_path, q1_file):
+    (tmp_path / "ids.json").write_text('["00000001"]')
+    result = CliRunner().invoke(
+        main,
+        ["cot", "build", "--stage", "cot", "--source", str(q1_file), "--out", str(tmp_path / "o.jsonl")]
+        + ["--unclear-ids", str(tmp_path / "ids.json"), "--seed", "-1"],
+    )
+    assert result.exit_code == 2 and "--seed" in result.output
+    assert "--unclear-ids" not in result.output

@@ -55,6 +55,16 @@ def test_list_samples_enumerates_meta_pickles_sorted_with_their_paths(tmp_path):
     assert refs[0].meta_path == meta_dir / "00000000.pkl"
 
 
+def test_list_samples_is_the_union_of_the_sample_folders(tmp_path):
+    files = {"rgb/00000001.jpg", "segm/00000002.png", "depth/00000003.png", "rgb_obj/00000004.jpg"}
+    files |= {"meta/00000005.pkl", "rgb/00000005.jpg", "rgb/._00000006.jpg", "rgb/notes.txt"}
+    for name in files:
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / name).write_bytes(b"")
+    ids = [r.sample_id for r in obman.list_samples(tmp_path, "train")]
+    assert ids == ["00000001", "00000002", "00000003", "00000004", "00000005"]
+
+
 def test_list_samples_of_a_missing_split_is_empty(tmp_path):
     assert obman.list_samples(tmp_path, "val") == []
 
@@ -381,3 +391,70 @@ def test_backproject_keeps_masked_pixels_with_a_depth_only():
     points = obman.backproject(depth, mask, depth_kind="planar")
     assert points.shape == (1, 3)
     np.testing.assert_allclose(points[0], [(1.5 - 128) / 480, (0.5 - 128) / 480, 1.0])
+
+
+# --- admitting a sample: the one validator ----------------------------------------------------------
+
+
+def write_frame(root: Path, sample_id: str = "00000042", size: int = 16) -> obman.SampleRef:
+    ref = obman.SampleRef(root, "train", sample_id)
+    for kind in obman.SAMPLE_FILES:
+        ref.path(kind).parent.mkdir(parents=True, exist_ok=True)
+    write_pickle(ref.meta_path, valid_meta())
+    Image.new("RGB", (size, size), (90, 60, 30)).save(ref.rgb_path, quality=90)
+    Image.new("RGB", (size, size), (90, 60, 30)).save(ref.rgb_obj_path, quality=90)
+    write_png(ref.segm_path, np.full((size, size, 3), 100, np.uint8))
+    write_png(ref.depth_path, np.full((size, size, 3), 128, np.uint8))
+    return ref
+
+
+def test_validate_sample_decodes_every_file_it_is_asked_for(tmp_path):
+    ref = write_frame(tmp_path)
+    sample = obman.validate_sample(ref, tuple(obman.SAMPLE_FILES))
+    assert sample.rgb.shape == sample.rgb_obj.shape == sample.segm.shape == (16, 16, 3)
+    assert sample.depth.dtype == np.float32 and sample.meta["class_id"] == "02876657"
+    only = obman.validate_sample(ref, ("segm",))
+    assert only.meta is None and only.rgb is None and only.segm is not None
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: p.write_bytes(b""), "not a readable image"),
+        (_truncated_jpeg, "truncated or corrupt"),
+        (lambda p: p.write_bytes(np.random.default_rng(1).bytes(3000)), "not a readable image"),
+    ],
+    ids=["zero-bytes", "truncated", "random-bytes"],
+)
+def test_validate_sample_refuses_an_rgb_that_does_not_decode(tmp_path, damage, reason):
+    ref = write_frame(tmp_path)
+    damage(ref.rgb_path)
+    with pytest.raises(BadSample) as info:
+        obman.validate_sample(ref, ("meta", "segm", "rgb"))
+    assert (info.value.path, info.value.sample_id) == (str(ref.rgb_path), ref.sample_id)
+    assert reason in info.value.reason
+
+
+def test_validate_sample_names_every_missing_file(tmp_path):
+    ref = write_frame(tmp_path)
+    ref.meta_path.unlink()
+    ref.segm_path.unlink()
+    with pytest.raises(BadSample) as info:
+        obman.validate_sample(ref, ("rgb", "segm", "meta"))
+    assert info.value.path == str(ref.segm_path)
+    assert info.value.reason == "file is missing (also missing: meta)"
+
+
+def test_validate_sample_refuses_images_of_different_sizes(tmp_path):
+    ref = write_frame(tmp_path)
+    write_png(ref.segm_path, np.full((8, 8, 3), 100, np.uint8))
+    with pytest.raises(BadSample, match="segm is 8x8 but rgb is 16x16"):
+        obman.validate_sample(ref, ("rgb", "segm"))
+
+
+def test_admit_samples_keeps_the_good_and_says_why_the_others_are_refused(tmp_path):
+    good, bad = write_frame(tmp_path, "00000001"), write_frame(tmp_path, "00000002")
+    bad.depth_path.write_bytes(b"")
+    admitted, refused = obman.admit_samples([good, bad], ("rgb", "segm", "depth", "meta"))
+    assert admitted == [good]
+    assert [(r.sample_id, r.path) for r in refused] == [(bad.sample_id, str(bad.depth_path))]

@@ -132,3 +132,36 @@ def test_occ_pairs_build_balances_by_default(tmp_path):
     chosen = [json.loads(x)["chosen"] for x in out.read_text().splitlines()]
     assert sorted(chosen) == ["No."] * 3 + ["Yes."] * 3
     assert json.loads((tmp_path / "pairs.meta.json").read_text())["pairs"]["length"] == 6
+
+
+def test_pairs_from_one_clarity_answer_only_are_an_error_with_the_counts(tmp_path):
+    source = tmp_path / "sft2.jsonl"
+    source.write_text("".join(sft2_line(f"{i:08d}", "jar", "Yes.") + "\n" for i in range(4)))
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(main, ["pairs", "build", "--source", str(source), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "one clarity answer only: 4 'Yes.', 0 'No.' (4 source rows, 0 quarantined)" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(
+        main, ["pairs", "build", "--source", str(source), "--out", str(out), "--allow-degenerate"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == ""
+
+
+def test_pairs_from_rows_all_quarantined_are_an_error(tmp_path):
+    source = tmp_path / "sft2.jsonl"
+    source.write_text(sft2_line("00000001", "jar", None) + "\n")
+    with pytest.raises(cot.DegenerateOutput, match="no rows"):
+        preference.build(source, tmp_path / "pairs.jsonl")
+
+
+def test_a_negative_seed_is_a_usage_error_naming_it(tmp_path):
+    source = tmp_path / "sft2.jsonl"
+    source.write_text(
+        sft2_line("00000001", "jar", "No.") + "\n" + sft2_line("00000002", "jar", "Yes.") + "\n"
+    )
+    result = CliRunner().invoke(
+        main, ["pairs", "build", "--source", str(source), "--out", str(tmp_path / "p.jsonl"), "--seed", "-1"]
+    )
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
