@@ -158,11 +158,11 @@ def select_samples(root: Path, split: str, limit: int | None = None) -> list[Sam
     """The split's samples by id, the first ``limit`` of them when given.
 
     Raises:
-        StageError: The split has no ``meta/*.pkl``.
+        StageError: The split has no sample file (obman.list_samples: any of rgb, segm, depth, meta).
     """
     samples = list_samples(Path(root), split)
     if not samples:
-        raise StageError(f"{Path(root) / split / 'meta'}: no samples (expected ObMan meta/*.pkl files)")
+        raise StageError(f"{Path(root) / split}: no samples (expected ObMan rgb, segm, depth and meta files)")
     return samples[:limit]
 
 
@@ -259,7 +259,10 @@ def reconstruct(
     reconstructor = get_reconstructor(params.backend, **(params.backend_options() | backend_overrides))
     report = StageReport("reconstruct")
     with Timer() as timer:
-        results = reconstructor.reconstruct(samples, out_dir)
+        # The datasets stage admits samples by the same rule, so no stage uses a file another refuses.
+        admitted, refused = obman.admit_samples(list(samples), INPUT_KINDS)
+        results = [ReconResult.failure(bad.sample_id, bad.path, bad.reason) for bad in refused]
+        results += reconstructor.reconstruct(admitted, out_dir) if admitted else []
         write_manifest(results, params, reconstructor.provenance(), out_dir / manifest_name)
     for result in results:
         if result.ok:
