@@ -1,0 +1,68 @@
+"""The tiny vision tower: pre-training writes a stock HF tower with its card; the shipped one matches it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import InternVLVisionConfig, InternVLVisionModel
+
+from occ_core.train import vision
+from occ_core.train.tiny import VISION_ASSET
+
+
+def test_pretrain_saves_a_stock_tower_and_its_card(tiny_obman: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tower"
+    cfg = vision.VisionPretrainConfig(
+        data=(tiny_obman,),
+        eval_data=(tiny_obman,),
+        eval_split="test",
+        out=out,
+        steps=2,
+        batch_size=4,
+        probe_frames=5,
+        blob_probability=0.5,
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+    )
+    card = vision.pretrain_vision(cfg)
+
+    tower = InternVLVisionModel.from_pretrained(out)
+    assert tower.config.hidden_size == 32
+    assert json.loads((out / vision.CARD_NAME).read_text()) == card
+    assert card["fingerprint_sha256"] == vision.fingerprint(out)
+    assert card["data"]["train_rgb_obj"] == card["data"]["held_out_rgb"] == 5
+    assert set(card["held_out_accuracy"]) == {"rgb_obj", "rgb"}
+    assert card["linear_probe"]["train_frames"] == 5
+    assert card["command"].startswith("python -m occ_core.train.vision --data ")
+
+
+def test_shipped_tower_loads_and_matches_its_card() -> None:
+    card = json.loads((VISION_ASSET / vision.CARD_NAME).read_text())
+    assert vision.fingerprint(VISION_ASSET) == card["fingerprint_sha256"]
+    tower = InternVLVisionModel.from_pretrained(VISION_ASSET)
+    expected = InternVLVisionConfig(**vision.TINY_VISION_CONFIG)
+    for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
+        assert getattr(tower.config, key) == getattr(expected, key), key
+    side, patch = expected.image_size[0], expected.patch_size[0]
+    assert (side // patch) % 2 == 0  # pixel shuffle at downsample 0.5 needs an even grid
+
+
+def test_odd_patch_grid_is_refused(tmp_path: Path) -> None:
+    cfg = vision.VisionPretrainConfig(data=(tmp_path,), out=tmp_path, vision={"image_size": [56, 56]})
+    with pytest.raises(ValueError, match="even"):
+        cfg.vision_config()
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--vision", "{not json"], "--vision"), (["--vision", '{"image_size": [72, 72]}'], "even")],
+)
+def test_cli_usage_errors_are_one_line(tmp_path: Path, args: list[str], option: str) -> None:
+    result = CliRunner().invoke(
+        vision.vision_command, ["--data", str(tmp_path), "--out", str(tmp_path / "o"), *args]
+    )
+    assert result.exit_code == 2
+    assert option in result.output
+    assert "Traceback" not in result.output
