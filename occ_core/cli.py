@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "cli",
         "Build every training dataset of one ObMan split, with statistics.",
     ),
+    "train": ("occ_core.train.cli", "cli", "Train one stage (vision, sft1, sft2, mpo) into a HF model."),
     "demo": ("flows.demo", "cli", "Run the whole pipeline on the embedded default (no configuration)."),
 }
 

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         description="ObMan depth PNG direction: 'writer' (1 = nearest, obman_render) or 'reader' "
         "(255 = nearest, obman loaders)",
     )
+    models: Path = Field(
+        Path("models"),
+        description="folder of local model checkpoints: preset internvl-1b loads MODELS/internvl-1b, ...",
+    )
     gl_platform: Literal["egl", "osmesa"] = Field(
         "egl", description="PYOPENGL_PLATFORM for offscreen rendering when not already set"
     )

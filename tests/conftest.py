@@ -19,7 +19,12 @@ os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(_PREFECT_HOME, 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["tests.fixtures.obman", "tests.fixtures.s3", "tests.fixtures.moho_standin"]
+pytest_plugins = [
+    "tests.fixtures.obman",
+    "tests.fixtures.s3",
+    "tests.fixtures.moho_standin",
+    "tests.fixtures.train",
+]
 
 
 @pytest.fixture(scope="session")

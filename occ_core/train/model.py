@@ -1,0 +1,90 @@
+"""Loading the model a stage starts from, and which of its parameters train.
+
+A stage starts from the preset's base model (``tiny``: built from a config with occ's pre-trained
+tower; real presets: their local checkpoint) or from ``--init`` (an earlier stage's OUT, or any
+native InternVL directory). The processor travels with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from occ_core.train.checkpoint import check_model_dir
+from occ_core.train.presets import TEMPLATES, Preset, VisionPolicy
+from occ_core.train.processor import load_processor
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes cuda when a GPU is visible, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _ensure_training_template(processor: Any, preset: Preset) -> None:
+    # A checkpoint's own template may lack {% generation %} markers, without which trl cannot mask
+    # everything but the assistant turns; occ's template of the preset's family has them.
+    template = processor.chat_template or ""
+    if "{% generation %}" not in template:
+        processor.chat_template = TEMPLATES[preset.template]
+        processor.tokenizer.chat_template = TEMPLATES[preset.template]
+
+
+def load_model(path: Path, preset: Preset, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """A checked model directory as (model, processor), fp32 weights (autocast decides compute dtype).
+
+    Raises:
+        CheckpointError: The directory is missing, incomplete or corrupt.
+    """
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    check_model_dir(path)
+    model = InternVLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    processor = load_processor(path, model.config.image_seq_length)
+    _ensure_training_template(processor, preset)
+    return model, processor
+
+
+def base_model(
+    preset: Preset, directory: Path | None, seed: int, attn_implementation: str = "sdpa"
+) -> tuple[Any, Any, str]:
+    """The preset's starting model (``directory``: a real preset's folder), its processor, its origin."""
+    if preset.directory is None:
+        from occ_core.train.tiny import VISION_ASSET, build_tiny
+
+        model, processor = build_tiny(VISION_ASSET, seed=seed)
+        return model, processor, f"tiny (built from config, tower {VISION_ASSET.name}, seed {seed})"
+    model, processor = load_model(directory, preset, attn_implementation)
+    return model, processor, str(directory)
+
+
+def apply_vision_policy(model: Any, policy: VisionPolicy) -> dict[str, int]:
+    """Freeze the vision tower (``frozen``), all of it but its last layer (``last``), or nothing (``full``).
+
+    Returns:
+        Total and trainable parameter counts after the policy.
+    """
+    tower = model.model.vision_tower
+    if policy == "frozen":
+        tower.requires_grad_(False)
+    elif policy == "last":
+        tower.requires_grad_(False)
+        tower.encoder.layer[-1].requires_grad_(True)
+    else:
+        tower.requires_grad_(True)
+    return parameter_counts(model)
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Parameters in all, trainable, and in the vision tower."""
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "vision": sum(p.numel() for p in model.model.vision_tower.parameters()),
+    }
