@@ -71,6 +71,10 @@ ANSWER_PATTERN = re.compile(r"The object is (?P<cls>.+)\.")
 _COT_STREAM = 0xC07  # separates the CoT draw from other seeded draws on the same seed
 # trl conversational column: a list of {role, content} messages with plain-text content.
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# trl language-modelling column: the whole conversation, content as text and image blocks in place.
+BLOCKS = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", BLOCKS)]))
+ROLES = {"human": "user", "gpt": "assistant"}
 
 
 class Prompts(BaseModel):
@@ -206,6 +210,28 @@ def chat_messages(prompts: Prompts, turns: str, cls: str | None, unclear: bool |
         for turn in conversation(prompts, turns, cls, unclear)
     ]
     return messages[:-1], messages[-1:]
+
+
+def content_blocks(text: str, image_token: str = IMAGE_TOKEN) -> list[dict[str, str | None]]:
+    """A turn's text as structured content: text pieces, and an image block where ``image_token`` stood."""
+    blocks: list[dict[str, str | None]] = []
+    for i, piece in enumerate(text.split(image_token)):
+        if i:
+            blocks.append({"type": "image", "text": None})
+        if piece:
+            blocks.append({"type": "text", "text": piece})
+    return blocks
+
+
+def conversation_messages(conversations: list[dict[str, str]], image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """InternVL ``conversations`` turns as chat messages whose content keeps the image in its place.
+
+    With trl's ``assistant_only_loss`` every assistant turn of these messages is trained (SFT2: the Q1
+    answer and the clarity answer), unlike a prompt-completion row, which trains the last answer only.
+    """
+    return [
+        {"role": ROLES[t["from"]], "content": content_blocks(t["value"], image_token)} for t in conversations
+    ]
 
 
 # --- reading sources ---------------------------------------------------------------------------------
@@ -659,17 +685,22 @@ def image_paths(images: pd.Series, image_root: Path | None) -> pa.Array:
 
 
 def trl_table(rows: pd.DataFrame, prompts: Prompts, image_root: Path | None) -> pa.Table:
-    """trl prompt-completion table: ``id``, ``images``, ``prompt``, ``completion`` (conversational).
+    """trl table: ``id``, ``images``, ``messages`` (language modelling), ``prompt``, ``completion``.
 
-    The prompt holds every turn before the last answer, so an SFT2 row is [Q1, answer, Q6] -> [Yes./No.].
+    ``messages`` is the whole conversation with the image in place: train it with
+    ``assistant_only_loss=True`` to learn every answer. ``prompt``/``completion`` hold every turn before
+    the last answer and that answer, so an SFT2 row is [Q1, answer, Q6] -> [Yes./No.]: only the last
+    answer is learned from them.
     """
     keys, codes = template_codes(rows)
     messages = [chat_messages(prompts, *key) for key in keys]
+    chats = [conversation_messages(conversation(prompts, *key), prompts.image_token) for key in keys]
     take = pa.array(codes)
     return pa.table(
         {
             "id": string_array(rows["id"]),
             "images": image_paths(rows["image"], image_root),
+            "messages": pa.array(chats, CHAT).take(take),
             "prompt": pa.array([m[0] for m in messages], MESSAGES).take(take),
             "completion": pa.array([m[1] for m in messages], MESSAGES).take(take),
         }

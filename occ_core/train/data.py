@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from occ_core.cot import IMAGE_TOKEN, NO, YES
+from occ_core.cot import IMAGE_TOKEN, NO, YES, content_blocks, conversation_messages
 from occ_core.errors import BadSample, StageError
 from occ_core.jsonl import iter_jsonl
-
-ROLE = {"human": "user", "gpt": "assistant"}
 
 
 class DataError(StageError):
@@ -41,22 +39,6 @@ class TrainingData:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-def content_blocks(text: str, image_token: str = IMAGE_TOKEN) -> list[dict[str, str | None]]:
-    """A turn's text as structured content: text pieces and an image block where ``image_token`` stood."""
-    blocks: list[dict[str, str | None]] = []
-    for i, piece in enumerate(text.split(image_token)):
-        if i:
-            blocks.append({"type": "image", "text": None})
-        if piece:
-            blocks.append({"type": "text", "text": piece})
-    return blocks
-
-
-def conversation_messages(conversations: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """InternVL ``conversations`` turns as chat messages with structured content."""
-    return [{"role": ROLE[t["from"]], "content": content_blocks(t["value"])} for t in conversations]
 
 
 def image_root(data_dir: Path, name: str) -> Path:

@@ -207,8 +207,18 @@ def test_sft_parquet_loads_as_a_trl_prompt_completion_dataset(files):
     dataset = load_dataset(
         "parquet", data_files=str(files / "o.parquet"), split="train", cache_dir=str(files / "hf")
     )
-    assert dataset.column_names == ["id", "images", "prompt", "completion"]
+    assert dataset.column_names == ["id", "images", "messages", "prompt", "completion"]
     assert dataset[1]["completion"] == [{"role": "assistant", "content": "No."}]
+    # The whole conversation, image after the question as upstream, every answer an assistant turn.
+    chat = dataset[1]["messages"]
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    assert chat[0]["content"] == [
+        {"type": "text", "text": "What's the object in the hand?\n"},
+        {"type": "image", "text": None},
+    ]
+    assert (
+        chat[1]["content"][0]["text"].startswith("The object is ") and chat[3]["content"][0]["text"] == "No."
+    )
     decoded = dataset.cast_column("images", Sequence(ImageFeature()))
     assert decoded[0]["images"][0].size == (8, 8)
 
