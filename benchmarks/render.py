@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import multiprocessing
 import os
 import platform
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +55,7 @@ from occ_core.render import (
     view_filename,
 )
 from occ_core.shapes import class_mesh
+from occ_core.workers import spawn_pool
 
 OBJECT_DIAGONAL_M = 0.2  # ObMan's ShapeNet objects are hand-held, about 0.1-0.3 m across
 
@@ -110,7 +109,7 @@ def peer_loop(jobs: list[RenderJob], size: int, views: int, out_dir: Path) -> fl
 
 def run_peer(jobs: list[RenderJob], size: int, views: int, out_dir: Path) -> float:
     """``peer_loop`` in a process of its own: its renderer's delete() ends every EGL context of a process."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawn_pool(1) as pool:
         return pool.submit(peer_loop, jobs, size, views, out_dir).result()
 
 
@@ -123,9 +122,9 @@ def time_ours(jobs: list[RenderJob], cfg: RenderConfig, out_dir: Path) -> float:
 
 def measure_split(jobs: list[RenderJob], size: int, views: int) -> str:
     """Rendering alone, then encoding alone, one thread each: where the time of one view goes."""
+    renderer = get_renderer("pyrender")  # sets up headless GL, which PyOpenGL reads when first imported
     from OpenGL.GL import GL_RENDERER, glGetString
 
-    renderer = get_renderer("pyrender")
     K = intrinsics(size)
     images = []
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from moho_bridge.pipeline import Backend
 from occ_core.datasets import DatasetsConfig
 from occ_core.s3server import start_s3_server
 from occ_core.s3sync import SyncConfig
+from occ_core.splits import SplitName
 from occ_core.stage import stage_dir
 from tasks.synth import synthesize, upload
 
@@ -36,7 +37,9 @@ class DemoConfig(BaseModel):
 
     n: int = Field(12, ge=1, description="synthetic frames kept per split")
     seed: int = Field(0, ge=0, description="seed of the synthetic dataset and of every later random choice")
-    splits: tuple[str, ...] = Field(("train", "test"), description="splits to generate and ingest")
+    splits: tuple[SplitName, ...] = Field(
+        ("train", "test"), min_length=1, description="splits to generate and ingest, each a name"
+    )
     bucket: str = Field("occ-demo", description="bucket on the embedded S3 server")
     prefix: str = Field("obman", description="key prefix of the dataset in the bucket")
     backend: Backend = Field("depth", description="reconstruction backend: depth (built-in), oracle, moho")

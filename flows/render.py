@@ -18,6 +18,7 @@ from typing import Any
 import click
 from prefect import flow
 
+from moho_bridge.cli import split_name
 from moho_bridge.pipeline import RenderParams
 from moho_bridge.protocol import BACKENDS
 from occ_core.config import field_help
@@ -54,7 +55,9 @@ def render_flow(params: RenderParams) -> dict[str, Any]:
     required=True,
     help=field_help(RenderParams, "root"),
 )
-@click.option("--split", default="test", show_default=True, help=field_help(RenderParams, "split"))
+@click.option(
+    "--split", default="test", show_default=True, callback=split_name, help=field_help(RenderParams, "split")
+)
 @click.option(
     "--backend",
     type=click.Choice(list(BACKENDS)),

@@ -21,6 +21,16 @@ from moho_bridge.pipeline import MohoOptions, ReconstructParams, RenderParams, r
 from moho_bridge.protocol import BACKENDS
 from occ_core.config import field_help
 from occ_core.errors import StageError
+from occ_core.splits import check_split
+
+
+def split_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback of ``--split``: the value when it is a split name (occ_core.splits), else a usage
+    error naming the option, before anything is read or written."""
+    try:
+        return check_split(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def _input_options(command: Callable) -> Callable:
@@ -33,7 +43,11 @@ def _input_options(command: Callable) -> Callable:
             help=field_help(ReconstructParams, "root"),
         ),
         click.option(
-            "--split", default="test", show_default=True, help=field_help(ReconstructParams, "split")
+            "--split",
+            default="test",
+            show_default=True,
+            callback=split_name,
+            help=field_help(ReconstructParams, "split"),
         ),
         click.option(
             "--backend",
@@ -142,7 +156,9 @@ def _floats(text: str) -> tuple[float, ...]:
     "--shard-size", type=int, default=200, show_default=True, help=field_help(RenderParams, "shard_size")
 )
 @click.option("--renderer", default="pyrender", show_default=True, help=field_help(RenderParams, "renderer"))
-@click.option("--processes", type=int, default=None, help=field_help(RenderParams, "processes"))
+@click.option(
+    "--processes", type=click.IntRange(min=1), default=None, help=field_help(RenderParams, "processes")
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

@@ -44,6 +44,7 @@ from occ_core.fsio import (
 )
 from occ_core.obman import SampleRef, list_samples
 from occ_core.render import RenderConfig, RenderJob, complete_rows, contact_sheet, render_jobs, view_filename
+from occ_core.splits import SplitName
 from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
 
 Backend = Literal["depth", "oracle", "moho"]
@@ -97,7 +98,7 @@ class ReconstructParams(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     root: Path = Field(description="dataset root holding the split folders (ObMan layout)")
-    split: str = Field("test", description="split to process: train, val or test")
+    split: SplitName = Field("test", description="split folder to process, a name: train, val, test, ...")
     backend: Backend = Field(
         "depth",
         description="reconstruction backend: depth (built-in geometric fallback), oracle (ground-truth "

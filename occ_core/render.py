@@ -2,8 +2,9 @@
 
     python -m occ_core.render --jobs jobs.jsonl --out .occ/render/manual --views 8 --size 256
 
-``jobs.jsonl`` holds one object per line: ``sample_id``, ``split``, ``mesh_path``, ``obj_to_cam`` (4x4,
-OpenCV camera) and, optionally, ``image_path`` (the input photo, shown in the contact sheet).
+``jobs.jsonl`` holds one object per line: ``sample_id``, ``split`` (a name such as ``test``, never a
+path: occ_core.splits), ``mesh_path``, ``obj_to_cam`` (4x4, OpenCV camera) and, optionally,
+``image_path`` (the input photo, shown in the contact sheet).
 
 What comes out, per job, in the output directory:
 
@@ -39,7 +40,6 @@ output-relevant config (``RenderConfig.cache_params``), so an existing file is t
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import struct
 import threading
@@ -62,7 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from occ_core.config import configure_offscreen_gl, field_help, get_settings
 from occ_core.errors import BadSample, StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic
+from occ_core.splits import check_split
 from occ_core.stage import StageReport, Timer
+from occ_core.workers import spawn_pool
 
 OBMAN_SIZE = 256
 OBMAN_FOCAL = 480.0
@@ -233,6 +235,9 @@ class PyrenderRenderer:
     name = "pyrender"
 
     def __init__(self) -> None:
+        # Before any import of pyrender or PyOpenGL, which read the GL platform and pyglet's headless
+        # flag when first imported: without them pyglet loads X11, which GPU hosts often lack.
+        configure_offscreen_gl()
         self._offscreen: Any = None
         self._scene: Any = None
         self._camera_node: Any = None
@@ -241,7 +246,6 @@ class PyrenderRenderer:
         self._mesh_extent: tuple[np.ndarray, float] = (np.zeros(3), 0.0)
 
     def _open(self, size: int) -> None:
-        configure_offscreen_gl()
         try:
             import pyrender
 
@@ -352,6 +356,9 @@ class RenderJob:
     obj_to_cam: np.ndarray
     image_path: Path | None = None
 
+    def __post_init__(self) -> None:
+        check_split(self.split)  # the split goes into file names: a path there would escape out_dir
+
     def filenames(self, views: int) -> list[str]:
         """Output names of view 0 and ``views`` orbit views."""
         return [view_filename(self.sample_id, self.split, v) for v in range(1 + views)]
@@ -451,13 +458,12 @@ _pools_lock = threading.Lock()
 
 def _renderer_pool(processes: int) -> ProcessPoolExecutor:
     """Renderer processes kept for the life of this process (one pool per size), since starting one costs
-    seconds (imports, GL context, shaders). Spawned, not forked, so no GL state is inherited.
+    seconds (imports, GL context, shaders). Spawned, not forked, so no GL state is inherited; they exit
+    when this process does, even when it is killed (occ_core.workers).
     """
     with _pools_lock:
         if processes not in _pools:
-            _pools[processes] = ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn")
-            )
+            _pools[processes] = spawn_pool(processes)
         return _pools[processes]
 
 
@@ -626,7 +632,9 @@ def read_jobs(path: Path) -> list[RenderJob]:
     help=field_help(RenderConfig, "elevations_deg") + " (comma-separated)",
 )
 @click.option("--backend", default="pyrender", show_default=True, help=field_help(RenderConfig, "backend"))
-@click.option("--processes", type=int, default=None, help=field_help(RenderConfig, "processes"))
+@click.option(
+    "--processes", type=click.IntRange(min=1), default=None, help=field_help(RenderConfig, "processes")
+)
 @click.option(
     "--encode-threads",
     type=int,
@@ -666,8 +674,11 @@ def cli(
         )
     except ValueError as exc:  # also pydantic.ValidationError
         raise click.UsageError(str(exc)) from exc
-    jobs = read_jobs(jobs_path)
-    report = render_jobs(jobs, cfg, out_dir)
+    try:
+        jobs = read_jobs(jobs_path)
+        report = render_jobs(jobs, cfg, out_dir)
+    except StageError as exc:
+        raise click.ClickException(str(exc)) from exc
     report.write_quarantine(out_dir)
     rows = sheet_rows(jobs, cfg, out_dir, sheet_samples)
     if rows:

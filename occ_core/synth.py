@@ -33,10 +33,8 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,9 @@ from occ_core.classes import QA_CLASSES, SYNSET_BY_CLASS, class_priors
 from occ_core.config import configure_offscreen_gl, field_help, get_settings
 from occ_core.errors import StageError
 from occ_core.fsio import atomic_path, write_bytes_atomic, write_json_atomic
+from occ_core.splits import SPLITS, SplitName, check_split
 from occ_core.stage import StageReport, Timer, code_version, params_hash, stage_dir, stage_key
+from occ_core.workers import spawn_pool
 
 DEPTH_CONVENTION = "writer"
 DEPTH_KIND = "radial"
@@ -78,7 +78,7 @@ class SynthConfig(BaseModel):
     out: Path = Field(description="dataset root: split folders, shapenet/ and synth_info.json go here")
     n: int = Field(8, ge=1, description="frames kept per split (dropped frames do not count)")
     seed: int = Field(0, ge=0, description="seed of every random choice; same seed, same bytes")
-    splits: tuple[str, ...] = Field(obman.SPLITS, description="splits to write (train, val, test)")
+    splits: tuple[SplitName, ...] = Field(SPLITS, description="split folders to write, each a name")
     class_weights: dict[str, float] = Field(
         default_factory=class_priors,
         description="relative class frequencies; default: class counts of OCC's 10K train set",
@@ -98,10 +98,12 @@ class SynthConfig(BaseModel):
 
     @field_validator("splits")
     @classmethod
-    def _known_splits(cls, splits: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [s for s in splits if s not in obman.SPLITS]
-        if unknown or not splits:
-            raise ValueError(f"splits must be a non-empty subset of {obman.SPLITS}, got {splits}")
+    def _distinct_splits(cls, splits: tuple[str, ...]) -> tuple[str, ...]:
+        if not splits:
+            raise ValueError("splits must name at least one split")
+        repeated = sorted({s for s in splits if splits.count(s) > 1})
+        if repeated:
+            raise ValueError(f"splits lists {repeated} more than once, got {list(splits)}")
         return splits
 
     @field_validator("class_weights")
@@ -551,16 +553,17 @@ def _render_job(job: tuple[SynthConfig, Attempt]) -> Frame:
 @contextlib.contextmanager
 def attempt_runner(cfg: SynthConfig, processes: int) -> Iterator[Runner]:
     """A function that renders a batch of attempts in order: in this process, or in a spawned pool
-    whose workers each keep one GL context (spawn, because a forked GL context is not usable)."""
-    if processes <= 1:
+    whose workers each keep one GL context (spawn, because a forked GL context is not usable) and exit
+    with this process, even when it is killed (occ_core.workers)."""
+    if processes == 1:
         renderer = SceneRenderer()
         try:
             yield lambda attempts: [render_attempt(cfg, a, renderer) for a in attempts]
         finally:
             renderer.close()
         return
-    configure_offscreen_gl()
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    configure_offscreen_gl()  # before spawning: the workers inherit the environment
+    with spawn_pool(processes, initializer=_init_worker) as pool:
         yield lambda attempts: list(pool.map(_render_job, [(cfg, a) for a in attempts]))
 
 
@@ -625,15 +628,19 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
 
     Args:
         cfg: Dataset parameters.
-        processes: Render processes; None takes settings.processes. Does not change the output.
+        processes: Render processes, at least 1; None takes settings.processes. Does not change the
+            output.
     Returns:
         StageReport: ``ok`` frames written (or ``skipped`` when already complete), per-split stats
         in ``extra``.
     Raises:
+        ValueError: ``processes`` is below 1.
         StageError: ``cfg.out`` holds a dataset made with other parameters, or frames keep failing
         the visibility threshold.
     """
-    processes = processes or get_settings().processes
+    processes = get_settings().processes if processes is None else processes
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
     info_path = cfg.out / "synth_info.json"
     content = cfg.content_params()
     digest = params_hash(content)
@@ -650,7 +657,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
             report.extra["splits"] = info["splits"]
             return report
         # An unfinished run, or other code: its frames and meshes may differ from what follows.
-        for folder in (*obman.SPLITS, "shapenet"):
+        for folder in (*cfg.splits, "shapenet"):  # the same splits: the parameters hash matched
             shutil.rmtree(cfg.out / folder, ignore_errors=True)
     info = {
         "generator": "occ synth",
@@ -676,6 +683,14 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
     report.extra["splits"] = info["splits"]
     report.extra["frames_per_second"] = round(report.ok / timer.seconds, 2) if timer.seconds else None
     return report
+
+
+def _split_names(ctx: click.Context, param: click.Parameter, text: str) -> tuple[str, ...]:
+    """Click callback of ``--splits``: comma-separated split names, each checked by occ_core.splits."""
+    try:
+        return tuple(check_split(name) for name in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def _parse_weights(text: str | None) -> dict[str, float] | None:
@@ -709,19 +724,25 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     show_default=True,
     help=field_help(SynthConfig, "seed"),
 )
-@click.option("--splits", default=",".join(obman.SPLITS), show_default=True, help="comma-separated splits")
 @click.option(
-    "--processes", type=int, default=None, help="render processes (default: OCC_PROCESSES, half the CPUs)"
+    "--splits",
+    default=",".join(SPLITS),
+    show_default=True,
+    callback=_split_names,
+    help="comma-separated " + field_help(SynthConfig, "splits"),
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="render processes (default: OCC_PROCESSES, half the CPUs)",
 )
 @click.option("--class-weights", default=None, help="e.g. jar=2720,bottle=2390 (default: the 10K priors)")
-def cli(out: Path, n: int, seed: int, splits: str, processes: int | None, class_weights: str | None) -> None:
+def cli(
+    out: Path, n: int, seed: int, splits: tuple[str, ...], processes: int | None, class_weights: str | None
+) -> None:
     """Generate a synthetic ObMan-format dataset."""
-    params: dict[str, Any] = {
-        "out": out,
-        "n": n,
-        "seed": seed,
-        "splits": tuple(s for s in splits.split(",") if s),
-    }
+    params: dict[str, Any] = {"out": out, "n": n, "seed": seed, "splits": splits}
     weights = _parse_weights(class_weights)
     if weights is not None:
         params["class_weights"] = weights

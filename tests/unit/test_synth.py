@@ -62,8 +62,8 @@ def test_content_params_leave_out_the_output_folder():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"splits": ("train", "dev")}, "splits must be a non-empty subset"),
-        ({"splits": ()}, "splits must be a non-empty subset"),
+        ({"splits": ("train", "../dev")}, "split must be a name"),
+        ({"splits": ()}, "splits must name at least one split"),
         ({"class_weights": {"mug": 1.0}}, "unknown classes ['mug']"),
         ({"class_weights": {"jar": -1.0, "can": 2.0}}, "must be >= 0 with a positive sum"),
         ({"class_weights": {"jar": 0.0}}, "must be >= 0 with a positive sum"),
