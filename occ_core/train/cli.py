@@ -120,7 +120,12 @@ def cli(
         from occ_core.train.vision import vision_command
 
         click.get_current_context().invoke(  # the tower's own command: occ_core.train.vision
-            vision_command, data=(data,), out=out, seed=options["seed"] or 0, device=options["device"]
+            vision_command,
+            data=(data,),
+            out=out,
+            seed=options["seed"] or 0,
+            device=options["device"],
+            **({"steps": options["max_steps"]} if (options["max_steps"] or 0) > 0 else {}),
         )
         return
     from occ_core.train import data as data_module

@@ -269,3 +269,21 @@ def test_an_absent_preset_directory_says_what_to_put_there(train_data, tmp_path)
     )
     assert result.returncode == 1
     assert str(tmp_path / "models" / "internvl-1b") in result.stderr and "InternVL" in result.stderr
+
+
+def test_occ_train_stage_vision_runs_the_towers_own_command(tiny_obman, tmp_path):
+    out = tmp_path / "tower"
+    result = _run_cli(
+        "--stage",
+        "vision",
+        "--data",
+        str(tiny_obman),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "config.json").is_file() and (out / "occ_card.json").is_file()
