@@ -18,14 +18,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from occ_core.train import launch, metrics
-from occ_core.train.checkpoint import CARD, fingerprint, read_card
+from occ_core.train.checkpoint import fingerprint, read_card
 from occ_core.train.config import TrainConfig
 from occ_core.train.launch import LaunchConfig, TrainingFailed
 
 
 def _stage_key(context: Any, parameters: dict[str, Any]) -> str | None:
     cfg: TrainConfig = parameters["cfg"]
-    card = read_card(cfg.out) if Path(cfg.out, CARD).is_file() else None
+    card = read_card(cfg.out)
     return f"train-{cfg.stage}-{card['run_key']}-{parameters.get('folds', 0)}" if card else None
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from occ_core import obman
 from occ_core.cot import IMAGE_TOKEN, NO, YES, content_blocks, conversation_messages
 from occ_core.errors import BadSample, StageError
 from occ_core.jsonl import iter_jsonl
@@ -127,15 +128,13 @@ def check_not_degenerate(data: TrainingData, stage: str) -> None:
 
 
 def _check_image(path: str) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except FileNotFoundError:
+    # The readers' own decoder (occ_core.obman), so training refuses exactly what the data stages refuse.
+    if not Path(path).is_file():
         return "missing image"
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        return f"undecodable image ({exc})"
+    try:
+        obman.read_rgb(Path(path))
+    except BadSample as bad:
+        return bad.reason
     return None
 
 

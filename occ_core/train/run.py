@@ -7,6 +7,7 @@ checkpoint and ends at the same final step with the same weights as an uninterru
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -123,8 +124,6 @@ def _check_out(out: Path, run: dict[str, Any]) -> dict[str, Any] | None:
         )
     owner = out / RUN_FILE
     if owner.is_file():
-        import json
-
         previous = json.loads(owner.read_text())
         if previous.get("run_key") != run["run_key"]:
             raise CheckpointError(

@@ -108,18 +108,20 @@ def build_tokenizer(prompts: Prompts | None = None, vocab_size: int = 400) -> Pr
     )
 
 
+def _side(size: int | list[int] | tuple[int, ...]) -> int:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
 def image_seq_length(vision: InternVLVisionConfig) -> int:
     """Image tokens per tile after pixel shuffle: (side / patch)^2 * ratio^2."""
-    side = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-    return int((side // patch) ** 2 * DOWNSAMPLE_RATIO**2)
+    return int((_side(vision.image_size) // _side(vision.patch_size)) ** 2 * DOWNSAMPLE_RATIO**2)
 
 
 def build_processor(
     tokenizer: PreTrainedTokenizerFast, vision: InternVLVisionConfig
 ) -> InternVLImageProcessor:
     """The image-only InternVL processor at the tower's resolution, ImageNet mean and std."""
-    side = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    side = _side(vision.image_size)
     image_processor = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=False)
     return InternVLImageProcessor(
         image_processor, tokenizer, image_seq_length=image_seq_length(vision), chat_template=CHAT_TEMPLATE
@@ -137,6 +139,7 @@ def build_tiny(
         seed: Seed of the language model and projector initialisation.
     """
     import torch
+
     from occ_core.train.vision import TINY_VISION_CONFIG
 
     tower = None
