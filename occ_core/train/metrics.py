@@ -85,3 +85,25 @@ def write_metrics(log_history: list[dict[str, Any]], out: Path, title: str) -> d
         "last_loss": losses[-1] if losses else None,
         "loss_curve": str(png) if png else None,
     }
+
+
+def throughput(train_metrics: dict[str, Any], device: str) -> dict[str, Any]:
+    """The trainer's runtime and samples (pairs for mpo) per second, and the process's peak GPU memory.
+
+    Args:
+        train_metrics: ``TrainOutput.metrics`` of ``trainer.train()``.
+        device: ``cuda`` or ``cpu``; on cpu ``peak_memory_gib`` is None.
+    """
+    import torch
+
+    peak = None
+    if device == "cuda":
+        peak = {
+            "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        }
+    return {
+        "train_runtime": train_metrics.get("train_runtime"),
+        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+        "peak_memory_gib": peak,
+    }

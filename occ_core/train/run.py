@@ -213,7 +213,7 @@ def train(
     if resume is not None:
         checkpoint.load_weights(policy, resume)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     curve = metrics.write_metrics(trainer.state.log_history, out, f"{preset.name} {cfg.stage}")
     card = {
@@ -229,6 +229,7 @@ def train(
         "final_step": trainer.state.global_step,
         "resumed_from": resume.name if resume else None,
         "seconds": round(seconds, 2),
+        **metrics.throughput(result.metrics, device),
         "longest_tokens": lengths["longest_tokens"],
         "metrics": curve,
         "command": " ".join(sys.argv),
