@@ -524,8 +524,9 @@ def check_not_degenerate(
     labelled: bool,
     allow: bool = False,
     unit: str = "source row",
+    min_label: int = 1,
 ) -> None:
-    """Refuse an output with no rows, or, when ``labelled``, with one clarity label only.
+    """Refuse an output with no rows, or, when ``labelled``, with too few of either clarity label.
 
     Args:
         out: The output (or input) named in the message.
@@ -534,14 +535,21 @@ def check_not_degenerate(
         labelled: Whether the output carries clarity answers (SFT2, CoT, pairs).
         allow: Let a degenerate output through (``--allow-degenerate``).
         unit: What the report counts, for the message (``source row``, ``sample``).
+        min_label: Fewest rows of the rarer clarity label accepted (balancing keeps that many of each).
     Raises:
         DegenerateOutput: Naming the output, the label counts and the source counts.
     """
+    no = int(rows["unclear"].sum()) if labelled and len(rows) else 0
+    yes = int((~rows["unclear"]).sum()) if labelled and len(rows) else 0
     if not len(rows):
         problem = "no rows"
-    elif labelled and rows["unclear"].nunique(dropna=True) < 2:
-        no = int(rows["unclear"].sum())
-        problem = f"one clarity answer only: {len(rows) - no} 'Yes.', {no} 'No.'"
+    elif labelled and min(yes, no) == 0:
+        problem = f"one clarity answer only: {yes} 'Yes.', {no} 'No.'"
+    elif labelled and min(yes, no) < min_label:
+        problem = (
+            f"too few {'No.' if no < yes else 'Yes.'!r} to balance: {yes} 'Yes.', {no} 'No.' "
+            f"(at least {min_label} of each wanted)"
+        )
     else:
         return
     if allow:

@@ -82,6 +82,12 @@ class DatasetsConfig(BaseModel):
         0, ge=0, description="seed of every random choice (CoT rows, balancing); part of the stage key"
     )
     allow_degenerate: bool = Field(False, description=field_help(CotConfig, "allow_degenerate"))
+    min_per_label: int = Field(
+        4,
+        ge=1,
+        description="model-errors grader: fewest images of the rarer clarity label accepted when balancing "
+        "(a model that made almost no errors gives a set too small to learn from)",
+    )
     prompts: Prompts = Field(
         default_factory=Prompts, description="question strings and their upstream variants"
     )
@@ -96,11 +102,12 @@ class DatasetsConfig(BaseModel):
     def stage_params(self) -> dict[str, Any]:
         """Parameters that decide the outputs: paths are replaced by their content in the stage key.
 
-        ``allow_degenerate`` is left out: it decides only whether a degenerate output is written, never
-        what an output holds.
+        ``allow_degenerate`` and ``min_per_label`` are left out: they decide only whether a degenerate
+        output is written, never what an output holds.
         """
         return self.model_dump(
-            mode="json", exclude={"root", "predictions", "renders", "shard_size", "allow_degenerate"}
+            mode="json",
+            exclude={"root", "predictions", "renders", "shard_size", "allow_degenerate", "min_per_label"},
         )
 
 
@@ -268,6 +275,8 @@ def build_outputs(cfg: DatasetsConfig, plan: DatasetsPlan, scans: list[ScanResul
             labelled=True,
             allow=cfg.allow_degenerate,
             unit="sample",
+            # The visibility grader's calibrated quantile always finds unclear images; a model may not.
+            min_label=cfg.min_per_label if cfg.balance and cfg.grader.name == "model-errors" else 1,
         )
         out, prompts = plan.out_dir, cfg.prompts
         image_root = obman.SampleRef(cfg.root, cfg.split, table["id"].iloc[0]).rgb_path.parent.resolve()

@@ -121,6 +121,22 @@ def test_one_clarity_label_only_is_an_error_with_the_counts(tmp_path, occ_home):
     assert summary["rows"]["pairs"] == 0 and summary["rows"]["sft2"] == N_SAMPLES
 
 
+def test_a_model_with_too_few_errors_to_balance_is_an_error_naming_the_counts(tmp_path, occ_home):
+    from occ_core.occlusion import GraderConfig
+
+    refs = write_split(tmp_path / "obman")
+    # The model got every image right but one: one 'No.' against seven 'Yes.' cannot make a balanced set.
+    answers = {ref.sample_id: "The object is bottle." for ref in refs}
+    answers[refs[0].sample_id] = "The object is jar."
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(answers))
+    grader = GraderConfig(name="model-errors")
+    cfg = DatasetsConfig(root=refs[0].root, grader=grader, predictions=predictions)
+    with pytest.raises(StageError, match=r"too few 'No\.' to balance: 7 'Yes\.', 1 'No\.' \(at least 4"):
+        datasets.run(cfg)
+    assert datasets.run(cfg.model_copy(update={"min_per_label": 1}))["rows"]["sft2_balanced"] == 2
+
+
 def test_occ_datasets_degenerate_exits_1_with_the_counts_and_the_flag(tmp_path, occ_home):
     root = tmp_path / "obman"
     write_split(root, same_visibility=True)
