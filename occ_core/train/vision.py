@@ -9,7 +9,8 @@ Only the tower is saved, as a standard Hugging Face directory, with ``occ_card.j
 sha256 fingerprint, the command, the synthesis seeds, data sizes and held-out accuracies (object-only,
 occluded ``rgb`` frames, renders) and a frozen-tower linear probe on occluded frames.
 
-Run: ``python -m occ_core.train.vision --data ROOT --eval-data HELDOUT --out DIR --device cuda``.
+Run: ``python -m occ_core.train.vision --data ROOT --eval-data HELDOUT --out DIR --device cuda``
+(``--max-seconds S`` bounds training by wall time; the card's command replays it with ``--steps N``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class VisionPretrainConfig(BaseModel):
         default_factory=dict, description="InternVLVisionConfig kwargs that override TINY_VISION_CONFIG"
     )
     steps: int = Field(1500, ge=1, description="optimiser steps of pre-training")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="wall-time bound of training: the real step is timed first and the step count "
+        "lowered to fit (card: steps.run; its command reproduces the run with --steps N)",
+    )
     batch_size: int = Field(256, ge=1, description="images per step")
     learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (cosine, 5% warm-up)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
@@ -365,6 +372,55 @@ def synth_seeds(roots: Sequence[Path]) -> list[int | None]:
     return seeds
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate_steps(
+    shape: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: VisionPretrainConfig,
+    probe_steps: int = 100,
+    margin: float = 0.85,
+) -> tuple[int, dict[str, float]]:
+    """The step count that fits ``cfg.max_seconds`` of training, timed on the real data path.
+
+    A throw-away model of ``shape`` runs ``fit`` on the training set itself (batch sampling,
+    augmentation, forward, backward, AdamW): a step on random data or without augmentation once
+    came out 37% too fast. The first 10 steps (kernel selection, allocator warm-up) are left out of
+    the per-step rate, and the timed steps (``probe_steps`` at most) take about a tenth of the budget
+    at most. The calibration's own time is taken from the budget and ``margin`` of the rest is used,
+    so that the cosine schedule ends inside the bound. The real run then restarts from the seed, so
+    it equals a run of ``--steps`` at the count returned.
+
+    Returns:
+        The step count (at most ``cfg.steps``, at least 1) and the card's ``calibrated_step_ms`` and
+        ``calibration_seconds``.
+    """
+    start = time.perf_counter()
+    device = x.device
+    warm = min(10, cfg.steps)
+    model = Classifier(build_tower(shape, cfg.seed)).to(device)
+    fit(model, x, y, cfg, warm, cfg.learning_rate)
+    _sync(device)
+    # The warm-up's rate (an overestimate) caps the timed steps at a tenth of the budget.
+    rough = (time.perf_counter() - start) / warm
+    timed = max(1, min(probe_steps, cfg.steps, int(0.1 * float(cfg.max_seconds or 0) / rough)))
+    tick = time.perf_counter()
+    fit(model, x, y, cfg, timed, cfg.learning_rate)
+    _sync(device)
+    step = (time.perf_counter() - tick) / timed
+    del model
+    left = float(cfg.max_seconds or 0) - (time.perf_counter() - start)
+    steps = max(1, min(cfg.steps, int(left * margin / step)))
+    return steps, {
+        "calibrated_step_ms": round(step * 1000, 3),
+        "calibration_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def command_line(cfg: VisionPretrainConfig) -> str:
     """The ``python -m occ_core.train.vision`` command that reproduces ``cfg``."""
     args = ["python", "-m", "occ_core.train.vision"]
@@ -387,7 +443,7 @@ def command_line(cfg: VisionPretrainConfig) -> str:
         cfg.device,
     ]
     defaults = VisionPretrainConfig(data=cfg.data, out=cfg.out)
-    for name in ("batch_size", "learning_rate", "augment", "blob_probability", "probe_frames"):
+    for name in ("max_seconds", "batch_size", "learning_rate", "augment", "blob_probability", "probe_frames"):
         if getattr(cfg, name) != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
     if cfg.vision:
@@ -443,8 +499,10 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict[str, Any]:
     }
     loaded = time.perf_counter()
 
+    steps, calibration = (cfg.steps, {}) if cfg.max_seconds is None else calibrate_steps(shape, x, y, cfg)
+    run = cfg.model_copy(update={"steps": steps, "max_seconds": None})  # what the card's command replays
     model = Classifier(build_tower(shape, cfg.seed)).to(device)
-    curve = fit(model, x, y, cfg, cfg.steps, cfg.learning_rate)
+    curve = fit(model, x, y, cfg, run.steps, cfg.learning_rate)
     trained = time.perf_counter()
 
     accuracies = {kind: round(accuracy(model, xs, ys), 4) for kind, (xs, ys) in held_out.items() if len(xs)}
@@ -466,11 +524,12 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict[str, Any]:
     model.tower.to(getattr(torch, cfg.storage_dtype)).save_pretrained(out, safe_serialization=True)
     card = {
         "fingerprint_sha256": fingerprint(out),
-        "command": command_line(cfg),
+        "command": command_line(run),
         "argv": shlex.join(sys.argv),
         "config": cfg.model_dump(mode="json"),
         "vision_config": shape,
         "parameters": sum(p.numel() for p in model.tower.parameters()),
+        "steps": {"requested": cfg.steps, "run": run.steps, "max_seconds": cfg.max_seconds, **calibration},
         "synth_seeds": {"train": synth_seeds(cfg.data), "held_out": synth_seeds(cfg.eval_data)},
         "data": {
             "train_rgb_obj": len(x_obj),
@@ -522,6 +581,12 @@ def _field(name: str) -> Any:
     default=_field("steps"),
     show_default=True,
     help=field_help(VisionPretrainConfig, "steps"),
+)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help=field_help(VisionPretrainConfig, "max_seconds"),
 )
 @click.option(
     "--batch-size",

@@ -38,6 +38,48 @@ def test_pretrain_saves_a_stock_tower_and_its_card(tiny_obman: Path, tmp_path: P
     assert card["command"].startswith("python -m occ_core.train.vision --data ")
 
 
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def test_max_seconds_lowers_the_steps_and_the_card_replays_them(tiny_obman: Path, tmp_path: Path) -> None:
+    cfg = vision.VisionPretrainConfig(
+        data=(tiny_obman,),
+        out=tmp_path / "bounded",
+        steps=100_000,
+        max_seconds=0.5,
+        batch_size=4,
+        probe_frames=0,
+        vision=TINY_SHAPE,
+    )
+    card = vision.pretrain_vision(cfg)
+
+    run = card["steps"]["run"]
+    assert 1 <= run < card["steps"]["requested"] == 100_000
+    assert card["steps"]["max_seconds"] == 0.5 and card["steps"]["calibrated_step_ms"] > 0
+    assert f"--steps {run} " in card["command"] and "--max-seconds" not in card["command"]
+    # The bounded run is the unbounded run of that many steps: same weights, same card command.
+    replay = vision.pretrain_vision(cfg.model_copy(update={"steps": run, "max_seconds": None}))
+    assert replay["fingerprint_sha256"] == card["fingerprint_sha256"]
+    assert replay["steps"] == {"requested": run, "run": run, "max_seconds": None}
+
+
+def test_card_names_the_synth_seeds(tiny_obman: Path, tmp_path: Path) -> None:
+    seed = json.loads((tiny_obman / "synth_info.json").read_text())["params"]["seed"]
+    cfg = vision.VisionPretrainConfig(
+        data=(tiny_obman,), out=tmp_path / "t", steps=1, batch_size=4, probe_frames=0, vision=TINY_SHAPE
+    )
+    assert vision.pretrain_vision(cfg)["synth_seeds"] == {"train": [seed], "held_out": []}
+
+
+def test_cli_max_seconds_must_be_positive(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        vision.vision_command,
+        ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--max-seconds", "0"],
+    )
+    assert result.exit_code == 2
+    assert "max_seconds" in result.output and "Traceback" not in result.output
+
+
 def test_shipped_tower_loads_and_matches_its_card() -> None:
     card = json.loads((VISION_ASSET / vision.CARD_NAME).read_text())
     assert vision.fingerprint(VISION_ASSET) == card["fingerprint_sha256"]
