@@ -60,6 +60,18 @@ def stage_out(cfg: TrainConfig, settings: Settings | None = None) -> TrainConfig
     return cfg.model_copy(update={"out": stage_dir("train", f"{cfg.stage}-{identity['run_key']}", settings)})
 
 
+def finished_card(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The card in OUT when it holds a complete model of exactly this run (same run key), else None."""
+    from occ_core.train.presets import get_preset
+    from occ_core.train.run import load_training, run_identity
+
+    card = read_card(Path(cfg.out))
+    if card is None:
+        return None
+    identity = run_identity(cfg, get_preset(cfg.preset), load_training(cfg))
+    return card if card.get("run_key") == identity["run_key"] else None
+
+
 def command(cfg: TrainConfig, launch: LaunchConfig, config_file: Path, folds: int = 0) -> list[str]:
     """The command line of one stage: every setting travels in ``config_file`` (a TrainConfig as JSON)."""
     occ = [
@@ -99,6 +111,11 @@ def run_stage(cfg: TrainConfig, launch: LaunchConfig, folds: int = 0) -> dict[st
         TrainingFailed: The subprocess failed (``retryable`` says whether the same command may pass).
     """
     out = Path(cfg.out)
+    predictions = out / "folds" / "train_predictions.json"
+    finished = finished_card(cfg)
+    if finished is not None and (not folds or predictions.is_file()):
+        # Nothing to do: no subprocess, no model load (an unchanged re-run trains nothing).
+        return {**finished, "cached": True, **({"train_predictions": str(predictions)} if folds else {})}
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / CONFIG_FILE
     config_file.write_text(cfg.model_dump_json(indent=2))
@@ -112,7 +129,6 @@ def run_stage(cfg: TrainConfig, launch: LaunchConfig, folds: int = 0) -> dict[st
         tail = log.read_text(errors="replace")[-2000:].strip().splitlines()
         raise TrainingFailed(result.returncode, tail[-1] if tail else "(no output)")
     card = read_card(out) or {}
-    predictions = out / "folds" / "train_predictions.json"
     if folds and predictions.is_file():
         card["train_predictions"] = str(predictions)
     return card
