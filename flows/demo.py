@@ -2,11 +2,13 @@
 
     occ demo                         # or: python -m flows.demo
     occ demo --n 24 --views 8        # sizes are parameters
+    occ demo --no-train              # the data side only
 
 A synthetic ObMan-format dataset is generated, served from a local S3 server (moto) that the flow
 starts and stops, mirrored back with the real ingest flow, reconstructed and rendered without the
-hand, and turned into the chain-of-thought and preference datasets. Every stage is cached: a second
-run with the same parameters is a no-op.
+hand, and turned into the chain-of-thought and preference datasets; then the tiny preset trains
+SFT1 -> SFT2 -> MPO on the train split and each stage is scored on the held-out test split (flows.train).
+Every stage is cached: a second run with the same parameters is a no-op.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.datasets import datasets_flow
 from flows.ingest import ingest_flow
 from flows.render import RenderParams, render_flow
+from flows.train import TrainParams, train_flow
+from flows.train import summary_lines as train_lines
 from moho_bridge.pipeline import Backend
 from occ_core.datasets import DatasetsConfig
 from occ_core.s3server import start_s3_server
 from occ_core.s3sync import SyncConfig
 from occ_core.splits import SplitName
 from occ_core.stage import stage_dir
+from occ_core.train.config import StageSettings
 from tasks.synth import synthesize, upload
+
+# Sized so that a cold `make demo` ends within 10 minutes on 2 cores (README, "The demo").
+DEMO_FRAMES = 300
+DEMO_EPOCHS = 3.0
 
 
 class DemoConfig(BaseModel):
@@ -35,7 +44,9 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    n: int = Field(12, ge=1, description="synthetic frames kept per split")
+    n: int = Field(
+        DEMO_FRAMES, ge=1, description="synthetic frames kept per split (the test figure needs a few hundred)"
+    )
     seed: int = Field(0, ge=0, description="seed of the synthetic dataset and of every later random choice")
     splits: tuple[SplitName, ...] = Field(
         ("train", "test"), min_length=1, description="splits to generate and ingest, each a name"
@@ -43,7 +54,9 @@ class DemoConfig(BaseModel):
     bucket: str = Field("occ-demo", description="bucket on the embedded S3 server")
     prefix: str = Field("obman", description="key prefix of the dataset in the bucket")
     backend: Backend = Field("depth", description="reconstruction backend: depth (built-in), oracle, moho")
-    views: int = Field(4, ge=0, description="orbit views rendered per object besides view 0")
+    views: int = Field(0, ge=0, description="orbit views rendered per object besides view 0")
+    train: bool = Field(True, description="train the tiny preset SFT1 -> SFT2 -> MPO after the datasets")
+    epochs: float = Field(DEMO_EPOCHS, gt=0, description="passes over the data of every training stage")
 
 
 @flow(name="occ-demo", log_prints=True)
@@ -66,14 +79,14 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
         split: render_flow(RenderParams(root=mirror, split=split, backend=params.backend, views=params.views))
         for split in params.splits
     }
-    datasets = {
-        split: datasets_flow(
-            DatasetsConfig(
-                root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=params.seed
-            )
+    configs = {
+        split: DatasetsConfig(
+            root=mirror, split=split, renders=Path(renders[split]["views_dir"]), seed=params.seed
         )
         for split in params.splits
     }
+    datasets = {split: datasets_flow(cfg) for split, cfg in configs.items()}
+    train_datasets = configs.get("train")
     summary = {
         "source": str(source),
         "mirror": str(mirror),
@@ -81,6 +94,17 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
         "render": renders,
         "datasets": datasets,
     }
+    if params.train and "train" in datasets:
+        stage = StageSettings(seed=params.seed, epochs=params.epochs)
+        summary["train"] = train_flow(
+            TrainParams(
+                datasets=train_datasets,
+                test_data=Path(datasets["test"]["out_dir"]) if "test" in datasets else None,
+                sft1=stage,
+                sft2=stage,
+                mpo=stage,
+            )
+        )
     print("\n".join(closing_lines(params, summary)))
     return summary
 
@@ -106,6 +130,8 @@ def closing_lines(cfg: DemoConfig, summary: dict[str, Any]) -> list[str]:
             f"  {split:<5} datasets    {datasets['out_dir']} "
             + ", ".join(f"{name} {n}" for name, n in datasets["rows"].items())
         )
+    if "train" in summary:
+        lines += ["  tiny preset, Q1 on the test split per stage:", *train_lines(summary["train"])]
     return lines
 
 
@@ -130,9 +156,15 @@ def closing_lines(cfg: DemoConfig, summary: dict[str, Any]) -> list[str]:
     show_default=True,
     help=DemoConfig.model_fields["backend"].description,
 )
-def cli(n: int, seed: int, views: int, backend: str) -> None:
+@click.option(
+    "--train/--no-train", default=True, show_default=True, help=DemoConfig.model_fields["train"].description
+)
+@click.option(
+    "--epochs", default=DEMO_EPOCHS, show_default=True, help=DemoConfig.model_fields["epochs"].description
+)
+def cli(n: int, seed: int, views: int, backend: str, train: bool, epochs: float) -> None:
     """Run the whole pipeline on the embedded default: synthetic ObMan on a local S3 server."""
-    demo_flow(DemoConfig(n=n, seed=seed, views=views, backend=backend))
+    demo_flow(DemoConfig(n=n, seed=seed, views=views, backend=backend, train=train, epochs=epochs))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from flows.demo import DemoConfig, demo_flow
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
-SMALL = DemoConfig(n=3, views=1)
+SMALL = DemoConfig(n=3, views=1, train=False)  # the train flow has its own test (tests/integration)
 
 
 @pytest.fixture(scope="module")

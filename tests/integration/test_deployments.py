@@ -104,7 +104,13 @@ def deployed(prefect_server):
 
 def test_every_deployment_is_registered(deployed):
     listing = _prefect(deployed, "deployment", "ls").stdout
-    for name in ("occ-demo/embedded-default", "ingest/obman", "render/rerender", "datasets/build"):
+    for name in (
+        "occ-demo/embedded-default",
+        "ingest/obman",
+        "render/rerender",
+        "datasets/build",
+        "train/stages",
+    ):
         assert name in listing
 
 
