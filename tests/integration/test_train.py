@@ -36,7 +36,8 @@ def _base_weights() -> dict[str, torch.Tensor]:
     from occ_core.train.tiny import VISION_ASSET, build_tiny
 
     model, _ = build_tiny(VISION_ASSET, seed=0)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Saved checkpoints name the modules without the in-memory "model." wrapper.
+    return {k.removeprefix("model."): v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # The tiny preset freezes its tower in every stage (presets.TINY.vision).
