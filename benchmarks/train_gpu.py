@@ -35,13 +35,7 @@ from typing import Any
 import click
 
 from occ_core.train.checkpoint import CARD, CHECKPOINTS
-from occ_core.train.tiny import (
-    DOWNSAMPLE_RATIO,
-    TEXT_CONFIG,
-    build_processor,
-    build_tokenizer,
-    image_seq_length,
-)
+from occ_core.train.tiny import TEXT_CONFIG, build_processor, build_tokenizer, internvl_config
 from occ_core.train.vision import TINY_VISION_CONFIG
 
 PRESET = "internvl-1b"
@@ -90,29 +84,15 @@ def build_model_dir(directory: Path, shape: str, seed: int = 0) -> dict[str, int
         Total and vision-tower parameter counts.
     """
     import torch
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLVisionConfig,
-        Qwen2Config,
-    )
+    from transformers import InternVLForConditionalGeneration, InternVLVisionConfig
 
     vision_kwargs, text_kwargs, vocab = SHAPES[shape]
     tokenizer = build_tokenizer(vocab_size=TOKENIZER_VOCAB)
     vision = InternVLVisionConfig(**vision_kwargs)
-    text = Qwen2Config(
-        vocab_size=vocab or len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **text_kwargs,
-    )
-    config = InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.context_image_token_id,
-        image_seq_length=image_seq_length(vision),
-        downsample_ratio=DOWNSAMPLE_RATIO,
+    config = internvl_config(
+        tokenizer,
+        vision,
+        {**text_kwargs, **({"vocab_size": vocab} if vocab else {})},
         tie_word_embeddings=False,  # transformers 5 reads the top-level flag; InternVL3-1B's head is untied
     )
     torch.manual_seed(seed)

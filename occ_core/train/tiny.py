@@ -14,6 +14,7 @@ runs here too. Three parts are occ's own:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import (
     GotOcr2ImageProcessorPil,
@@ -128,6 +129,29 @@ def build_processor(
     )
 
 
+def internvl_config(
+    tokenizer: Any, vision: InternVLVisionConfig, text_kwargs: dict[str, Any], **extra: Any
+) -> InternVLConfig:
+    """An InternVL config of a vision config, Qwen2 text kwargs and occ's tokenizer's special tokens.
+
+    ``text_kwargs`` may set ``vocab_size`` (default: the tokenizer's); ``extra`` goes to InternVLConfig.
+    """
+    text = Qwen2Config(
+        **{"vocab_size": len(tokenizer), **text_kwargs},
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=image_seq_length(vision),
+        downsample_ratio=DOWNSAMPLE_RATIO,
+        **extra,
+    )
+
+
 def build_tiny(
     vision_dir: Path | None = VISION_ASSET, seed: int = 0
 ) -> tuple[InternVLForConditionalGeneration, InternVLImageProcessor]:
@@ -149,20 +173,7 @@ def build_tiny(
     else:
         vision = InternVLVisionConfig(**TINY_VISION_CONFIG)
     tokenizer = build_tokenizer()
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **TEXT_CONFIG,
-    )
-    config = InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.context_image_token_id,
-        image_seq_length=image_seq_length(vision),
-        downsample_ratio=DOWNSAMPLE_RATIO,
-    )
+    config = internvl_config(tokenizer, vision, TEXT_CONFIG)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
     if tower is not None:
