@@ -99,7 +99,10 @@ def test_model_errors_grader_labels_the_wrong_answers_and_reports_agreement(tmp_
     (tmp_path / "pred.json").write_text(json.dumps(answers))
     summary = datasets.run(
         DatasetsConfig(
-            root=tiny_obman, grader=GraderConfig(name="model-errors"), predictions=tmp_path / "pred.json"
+            root=tiny_obman,
+            grader=GraderConfig(name="model-errors"),
+            predictions=tmp_path / "pred.json",
+            min_per_label=1,  # 5 frames: 2 wrong answers are all this fixture has
         )
     )
     table = pd.read_parquet(occ_home / "datasets" / summary["key"] / "samples.parquet")
