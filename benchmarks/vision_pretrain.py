@@ -12,7 +12,9 @@ head) and ``full``, against a tower trained from scratch. The member with the be
 occluded accuracy is copied to ``--out`` (tower and card, the sweep added to the card).
 
 ``python -m benchmarks.vision_pretrain cpu-cost`` prints a forward+backward of each shape at batch 16
-on this machine's CPU threads.
+on this machine's CPU threads. ``python -m benchmarks.vision_pretrain max-seconds`` prints how well
+``--max-seconds`` keeps its bound: the training that the calibrated step count takes, as a ratio of
+the budget left after calibration (below 1: inside the bound).
 """
 
 from __future__ import annotations
@@ -257,6 +259,32 @@ def cpu_cost(threads: int, repeats: int) -> None:
         times = sorted(times[1:])
         params = sum(p.numel() for p in model.tower.parameters())
         print(f"| {name} | {params / 1e6:.2f}M | {times[len(times) // 2]:.3f} s | {times[0]:.3f} s |")
+
+
+@cli.command("max-seconds")
+@click.option("--budget", type=float, default=20.0, show_default=True, help="--max-seconds of each run")
+@click.option("--repeats", type=int, default=3, show_default=True, help="calibrated runs")
+@click.option("--device", default="cpu", show_default=True, help="torch device")
+def max_seconds(budget: float, repeats: int, device: str) -> None:
+    """Training time of the calibrated step count / the budget left after calibration, per run."""
+    dev = torch.device(device)
+    shape = vision.TINY_VISION_CONFIG
+    side = vision._side(shape["image_size"])
+    x = torch.randn(512, 3, side, side, device=dev).half()
+    y = torch.randint(0, 8, (512,), device=dev)
+    cfg = vision.VisionPretrainConfig(
+        data=(Path("."),), out=Path("."), steps=10**6, max_seconds=budget, batch_size=16, device=device
+    )
+    print("| run | steps | calibration s | training s | training / budget left |")
+    for run in range(repeats):
+        steps, calibration = vision.calibrate_steps(shape, x, y, cfg)
+        model = vision.Classifier(vision.build_tower(shape, cfg.seed)).to(dev)
+        tick = time.perf_counter()
+        vision.fit(model, x, y, cfg, steps, cfg.learning_rate)
+        vision._sync(dev)
+        took = time.perf_counter() - tick
+        spent = calibration["calibration_seconds"]
+        print(f"| {run} | {steps} | {spent:.2f} | {took:.2f} | {took / (budget - spent):.2f} |")
 
 
 if __name__ == "__main__":

@@ -377,6 +377,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def steps_within(budget_s: float, spent_s: float, step_s: float, requested: int, margin: float = 0.85) -> int:
+    """Steps of ``step_s`` that fit ``margin`` of what is left of ``budget_s`` (1 to ``requested``)."""
+    return max(1, min(requested, int((budget_s - spent_s) * margin / step_s)))
+
+
 def calibrate_steps(
     shape: dict[str, Any],
     x: torch.Tensor,
@@ -413,8 +418,7 @@ def calibrate_steps(
     _sync(device)
     step = (time.perf_counter() - tick) / timed
     del model
-    left = float(cfg.max_seconds or 0) - (time.perf_counter() - start)
-    steps = max(1, min(cfg.steps, int(left * margin / step)))
+    steps = steps_within(float(cfg.max_seconds or 0), time.perf_counter() - start, step, cfg.steps, margin)
     return steps, {
         "calibrated_step_ms": round(step * 1000, 3),
         "calibration_seconds": round(time.perf_counter() - start, 2),

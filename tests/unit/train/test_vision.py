@@ -55,12 +55,24 @@ def test_max_seconds_lowers_the_steps_and_the_card_replays_them(tiny_obman: Path
 
     run = card["steps"]["run"]
     assert 1 <= run < card["steps"]["requested"] == 100_000
-    assert card["steps"]["max_seconds"] == 0.5 and card["steps"]["calibrated_step_ms"] > 0
+    assert card["steps"]["max_seconds"] == 0.5 and "calibrated_step_ms" in card["steps"]
     assert f"--steps {run} " in card["command"] and "--max-seconds" not in card["command"]
     # The bounded run is the unbounded run of that many steps: same weights, same card command.
     replay = vision.pretrain_vision(cfg.model_copy(update={"steps": run, "max_seconds": None}))
     assert replay["fingerprint_sha256"] == card["fingerprint_sha256"]
     assert replay["steps"] == {"requested": run, "run": run, "max_seconds": None}
+
+
+@pytest.mark.parametrize(
+    ("budget", "spent", "step", "requested", "expected"),
+    [
+        (100.0, 10.0, 0.01, 100_000, 7650),  # 85% of the 90 s left
+        (100.0, 10.0, 0.01, 5000, 5000),  # never more than asked for
+        (1.0, 2.0, 0.01, 5000, 1),  # calibration ate the budget: one step, not none
+    ],
+)
+def test_steps_within_uses_the_margin_of_the_time_left(budget, spent, step, requested, expected) -> None:
+    assert vision.steps_within(budget, spent, step, requested) == expected
 
 
 def test_card_names_the_synth_seeds(tiny_obman: Path, tmp_path: Path) -> None:
