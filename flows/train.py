@@ -30,6 +30,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.datasets import datasets_flow
+from occ_core.config import field_help
 from occ_core.datasets import DatasetsConfig
 from occ_core.train.config import StageSettings, TrainConfig
 from occ_core.train.launch import LaunchConfig
@@ -139,24 +140,22 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     "--root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     required=True,
-    help=DatasetsConfig.model_fields["root"].description,
+    help=field_help(DatasetsConfig, "root"),
 )
 @click.option(
     "--renders",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help=DatasetsConfig.model_fields["renders"].description,
+    help=field_help(DatasetsConfig, "renders"),
 )
 @click.option(
     "--test-data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help=TrainParams.model_fields["test_data"].description,
+    help=field_help(TrainParams, "test_data"),
 )
-@click.option(
-    "--preset", default="tiny", show_default=True, help=TrainParams.model_fields["preset"].description
-)
-@click.option("--folds", default=2, show_default=True, help=TrainParams.model_fields["folds"].description)
+@click.option("--preset", default="tiny", show_default=True, help=field_help(TrainParams, "preset"))
+@click.option("--folds", default=2, show_default=True, help=field_help(TrainParams, "folds"))
 @click.option("--seed", default=0, show_default=True, help="seed of the datasets and of every stage")
 def cli(root: Path, renders: Path | None, test_data: Path | None, preset: str, folds: int, seed: int) -> None:
     """Train SFT1 -> SFT2 -> MPO on the train split of ROOT and score each stage on the test split."""

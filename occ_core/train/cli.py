@@ -129,7 +129,7 @@ def cli(
         )
         return
     from occ_core.train import data as data_module
-    from occ_core.train.run import train
+    from occ_core.train.run import load_training, train
 
     ctx = click.get_current_context()
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
@@ -139,7 +139,8 @@ def cli(
     if folds and stage != "sft1":
         raise click.UsageError("--folds applies to --stage sft1 only")
     try:
-        card = train(cfg)
+        training = load_training(cfg)
+        card = train(cfg, training=training)
         report = {
             "out": str(Path(out).resolve()),
             "stage": stage,
@@ -149,10 +150,9 @@ def cli(
             "last_loss": card["metrics"]["last_loss"],
         }
         if folds:
-            from occ_core.train.crossfit import cross_predict
+            from occ_core.train.crossfit import FOLDS_DIR, cross_predict
 
-            training = data_module.load_sft(data, cfg.dataset_name)
-            report["cross_prediction"] = cross_predict(cfg, training, folds, Path(out) / "folds")
+            report["cross_prediction"] = cross_predict(cfg, training, folds, Path(out) / FOLDS_DIR)
         if test_dir is not None:
             from occ_core.train.predict import evaluate_q1
 

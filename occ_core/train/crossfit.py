@@ -18,6 +18,7 @@ from occ_core.fsio import write_json_atomic
 from occ_core.train.config import TrainConfig
 from occ_core.train.data import TrainingData
 
+FOLDS_DIR = "folds"  # under a stage's OUT: one model per fold and the predictions file
 PREDICTIONS = "train_predictions.json"
 
 

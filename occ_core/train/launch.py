@@ -53,23 +53,10 @@ class TrainingFailed(RuntimeError):
 
 def stage_out(cfg: TrainConfig, settings: Settings | None = None) -> TrainConfig:
     """``cfg`` with OUT at ``OCC_HOME/train/<stage>-<run_key>`` (the key of its data, init, settings)."""
-    from occ_core.train.presets import get_preset
-    from occ_core.train.run import load_training, run_identity
+    from occ_core.train.run import identity_of
 
-    identity = run_identity(cfg, get_preset(cfg.preset), load_training(cfg))
-    return cfg.model_copy(update={"out": stage_dir("train", f"{cfg.stage}-{identity['run_key']}", settings)})
-
-
-def finished_card(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The card in OUT when it holds a complete model of exactly this run (same run key), else None."""
-    from occ_core.train.presets import get_preset
-    from occ_core.train.run import load_training, run_identity
-
-    card = read_card(Path(cfg.out))
-    if card is None:
-        return None
-    identity = run_identity(cfg, get_preset(cfg.preset), load_training(cfg))
-    return card if card.get("run_key") == identity["run_key"] else None
+    run_key = identity_of(cfg)["run_key"]
+    return cfg.model_copy(update={"out": stage_dir("train", f"{cfg.stage}-{run_key}", settings)})
 
 
 def command(cfg: TrainConfig, launch: LaunchConfig, config_file: Path, folds: int = 0) -> list[str]:
@@ -110,8 +97,11 @@ def run_stage(cfg: TrainConfig, launch: LaunchConfig, folds: int = 0) -> dict[st
     Raises:
         TrainingFailed: The subprocess failed (``retryable`` says whether the same command may pass).
     """
+    from occ_core.train.crossfit import FOLDS_DIR, PREDICTIONS
+    from occ_core.train.run import finished_card
+
     out = Path(cfg.out)
-    predictions = out / "folds" / "train_predictions.json"
+    predictions = out / FOLDS_DIR / PREDICTIONS
     finished = finished_card(cfg)
     if finished is not None and (not folds or predictions.is_file()):
         # Nothing to do: no subprocess, no model load (an unchanged re-run trains nothing).

@@ -161,6 +161,20 @@ def run_identity(cfg: TrainConfig, preset: Preset, training: data.TrainingData) 
     return {**run, "run_key": params_hash(run)}
 
 
+def identity_of(cfg: TrainConfig) -> dict[str, Any]:
+    """``run_identity`` of a stage read from its config alone (its preset and ``cfg.data``)."""
+    return run_identity(cfg, get_preset(cfg.preset), load_training(cfg))
+
+
+def finished_card(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The card in OUT when it holds this very run's complete model, else None.
+
+    Raises:
+        CheckpointError: OUT holds a model or checkpoints of another run.
+    """
+    return _check_out(cfg.out_dir, identity_of(cfg))
+
+
 def train(
     cfg: TrainConfig, settings: Settings | None = None, training: data.TrainingData | None = None
 ) -> dict[str, Any]:
