@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Build every training dataset of one ObMan split, with statistics.",
     ),
     "train": ("occ_core.train.cli", "cli", "Train one stage (vision, sft1, sft2, mpo) into a HF model."),
+    "model": ("occ_core.convert", "cli", "Convert the seed's released InternVL2 checkpoints to native HF."),
     "demo": ("flows.demo", "cli", "Run the whole pipeline on the embedded default (no configuration)."),
 }
 
