@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "train": ("occ_core.train.cli", "cli", "Train one stage (vision, sft1, sft2, mpo) into a HF model."),
     "model": ("occ_core.convert", "cli", "Convert the seed's released InternVL2 checkpoints to native HF."),
+    "evaluate": ("occ_core.evaluate.cli", "cli", "Evaluate a model (run) or prediction files (score)."),
     "demo": ("flows.demo", "cli", "Run the whole pipeline on the embedded default (no configuration)."),
 }
 

@@ -1,0 +1,1 @@
+"""Evaluation: the method's protocol on a checkpoint (``infer``) and its scores (``score``)."""
