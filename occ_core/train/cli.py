@@ -1,30 +1,32 @@
 """``occ train``: one training stage from the command line.
 
-    occ train --stage {vision,sft1,sft2,mpo} --preset P --data DATASETS_DIR [--init CKPT] --out OUT
+    occ train --stage {vision,sft1,sft2,mpo,sc} --preset P --data DATASETS_DIR [--init CKPT] --out OUT
 
 DATASETS_DIR is a directory written by the datasets stage (for ``--stage vision``: an ObMan root
 whose ``rgb_obj`` images and metas are read). OUT receives the final model as a standard Hugging Face
 directory with ``occ_card.json`` beside its config, and intermediate checkpoints under
 ``OUT/checkpoints/``. The same command run again resumes a killed run, or does nothing when OUT is
 complete. ``--folds K`` (sft1) also cross-predicts Q1 on the training rows for the model-errors grader;
-``--test DIR`` reports Q1 accuracy on a held-out datasets directory (its sft1 rows) afterwards.
+``--test DIR`` reports Q1 accuracy on a held-out datasets directory (its sft1 rows) afterwards; for
+``--stage sc``, attempt-1 and attempt-2 accuracy with fixed/broken counts, of the init and of OUT.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from occ_core.config import field_help
 from occ_core.errors import StageError
-from occ_core.train.config import TRAIN_STAGES, TrainConfig
+from occ_core.train.config import INIT_OF, TRAIN_STAGES, TrainConfig
 from occ_core.train.presets import PRESETS, PresetError
 
 # Flags that map one to one onto TrainConfig fields (help from the field's description).
-OVERRIDES: dict[str, type] = {
+OVERRIDES: dict[str, Any] = {
     "seed": int,
     "epochs": float,
     "max_steps": int,
@@ -37,6 +39,13 @@ OVERRIDES: dict[str, type] = {
     "save_steps": int,
     "logging_steps": int,
     "dataloader_workers": int,
+    "sc_samples": int,
+    "sc_temperature": float,
+    "sc_max_new_tokens": int,
+    "sc_kl_weight": float,
+    "sc_improvement_bonus": float,
+    "sc_reask": click.Choice(["conversation", "rewrite"]),
+    "sc_phases": click.Choice(["both", "two-phase"]),
 }
 
 
@@ -102,7 +111,8 @@ def _overrides(command: click.Command) -> click.Command:
     "test_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="datasets directory of a held-out split: report Q1 accuracy on its sft1 rows",
+    help="datasets directory of a held-out split: report Q1 accuracy on its sft1 rows (sc: attempt-1 "
+    "and attempt-2 accuracy on its sc rows, of the init and of the SC model)",
 )
 @click.option(
     "--config",
@@ -115,7 +125,7 @@ def _overrides(command: click.Command) -> click.Command:
 def cli(
     stage: str, data: Path, out: Path, folds: int, test_dir: Path | None, config_file: Path | None, **options
 ) -> None:
-    """Train one stage (vision, sft1, sft2, mpo) and write a standard HF model with its card."""
+    """Train one stage (vision, sft1, sft2, mpo, sc) and write a standard HF model with its card."""
     if stage == "vision":
         from occ_core.train.vision import vision_command
 
@@ -135,6 +145,8 @@ def cli(
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     fields = json.loads(config_file.read_text()) if config_file else {}
     fields.update({k: v for k, v in given.items() if v is not None}, stage=stage, data=data, out=out)
+    if stage in INIT_OF and fields.get("init") is None:
+        raise click.UsageError(f"--stage {stage} needs --init (the {INIT_OF[stage]} output)")
     cfg = TrainConfig(**fields)
     if folds and stage != "sft1":
         raise click.UsageError("--folds applies to --stage sft1 only")
@@ -153,7 +165,15 @@ def cli(
             from occ_core.train.crossfit import FOLDS_DIR, cross_predict
 
             report["cross_prediction"] = cross_predict(cfg, training, folds, Path(out) / FOLDS_DIR)
-        if test_dir is not None:
+        if test_dir is not None and stage == "sc":
+            from occ_core.train.sc import evaluate_two_attempts
+
+            test = data_module.load_sft(test_dir, cfg.dataset_name)
+            report["test_two_attempts"] = {
+                model: evaluate_two_attempts(path, test, cfg.preset, cfg.sc_reask)
+                for model, path in (("init", cfg.init), ("sc", out))
+            }
+        elif test_dir is not None:
             from occ_core.train.predict import evaluate_q1
 
             report["test_q1"] = evaluate_q1(out, data_module.load_sft(test_dir, "sft1"), cfg.preset)

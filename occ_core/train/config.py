@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from occ_core.train.presets import VisionPolicy
 
-TRAIN_STAGES: tuple[str, ...] = ("vision", "sft1", "sft2", "mpo")
+TRAIN_STAGES: tuple[str, ...] = ("vision", "sft1", "sft2", "mpo", "sc")
 # The datasets-stage file each stage trains on (DATASETS_DIR/<name>.parquet).
-STAGE_DATASET = {"sft1": "sft1", "sft2": "sft2", "mpo": "pairs"}
+STAGE_DATASET = {"sft1": "sft1", "sft2": "sft2", "mpo": "pairs", "sc": "sc"}
+# The stage whose output a stage starts from (--init), where it cannot start from the base model.
+INIT_OF = {"sft2": "SFT1", "mpo": "SFT2", "sc": "MPO"}
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -47,6 +49,33 @@ class StageSettings(BaseModel):
     loss_weights: tuple[float, float, float] = Field(
         (0.8, 0.2, 1.0), description="MPO: weights of the sigmoid, bco_pair and sft losses (upstream v1)"
     )
+    # SC (occ_core.train.sc): the weights are named for what they weigh, not after Adam's betas (upstream).
+    sc_samples: int = Field(
+        4,
+        ge=1,
+        description="SC: attempt-1 answers sampled per prompt; their rewards form a leave-one-out "
+        "baseline (1: the batch mean)",
+    )
+    sc_temperature: float = Field(1.0, gt=0, description="SC: sampling temperature of both attempts")
+    sc_max_new_tokens: int = Field(
+        12, ge=1, description="SC: longest sampled answer in tokens ('The object is X.' is about 6)"
+    )
+    sc_kl_weight: float = Field(
+        0.1, ge=0, description="SC: weight of the KL penalty (k3, on the sampled tokens) to the frozen init"
+    )
+    sc_improvement_bonus: float = Field(
+        0.1, ge=0, description="SC: alpha; alpha * (r2 - r1) is added to attempt 2's reward (upstream 0.1)"
+    )
+    sc_reask: Literal["conversation", "rewrite"] = Field(
+        "conversation",
+        description="SC: attempt 2 sees attempt 1 and the re-ask in one conversation (SCoRe), or the "
+        "re-asked question alone (rewrite, as upstream)",
+    )
+    sc_phases: Literal["both", "two-phase"] = Field(
+        "both",
+        description="SC: train both attempts throughout, or two-phase (upstream: first half attempt 2 only "
+        "with KL on attempt 1, second half both)",
+    )
     save_steps: int = Field(50, ge=1, description="optimiser steps between checkpoints under OUT/checkpoints")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
     logging_steps: int = Field(5, ge=1, description="optimiser steps between metric records")
@@ -60,13 +89,13 @@ class StageSettings(BaseModel):
 class TrainConfig(StageSettings):
     """One stage of ``occ train``: what to train, from what, on which data, into which folder."""
 
-    stage: Literal["sft1", "sft2", "mpo"] = Field(description="training stage: sft1, sft2 or mpo")
+    stage: Literal["sft1", "sft2", "mpo", "sc"] = Field(description="training stage: sft1, sft2, mpo or sc")
     preset: str = Field("tiny", description="model preset: tiny, internvl-1b, -2b, -4b or -8b")
     data: Path = Field(description="a directory written by the datasets stage (sft1/sft2/pairs files)")
     init: Path | None = Field(
         None,
-        description="checkpoint to start from (sft2: the SFT1 output, mpo: the SFT2 output, which is "
-        "also MPO's frozen reference); sft1 defaults to the preset's base model",
+        description="checkpoint to start from (sft2: the SFT1 output, mpo: the SFT2 output, sc: the MPO "
+        "output; for mpo and sc also the frozen reference); sft1 defaults to the preset's base model",
     )
     out: Path | None = Field(
         None,
@@ -75,15 +104,13 @@ class TrainConfig(StageSettings):
     )
     dataset: str | None = Field(
         None,
-        description="file of DATA to train on (name without .jsonl); default sft1, sft2 or pairs by stage",
+        description="file of DATA to train on (name without .jsonl); default by stage: sft1, sft2, pairs, sc",
     )
 
     @model_validator(mode="after")
     def _init_required(self) -> TrainConfig:
-        if self.stage in ("sft2", "mpo") and self.init is None:
-            raise ValueError(
-                f"stage {self.stage} needs --init (the {'SFT1' if self.stage == 'sft2' else 'SFT2'} output)"
-            )
+        if self.stage in INIT_OF and self.init is None:
+            raise ValueError(f"stage {self.stage} needs --init (the {INIT_OF[self.stage]} output)")
         return self
 
     @property

@@ -8,10 +8,14 @@ sequence of a batch ends where generation starts.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from occ_core.train.data import TrainingData
+
+# A row's prompt: the chat messages a model answers.
+Prompt = Callable[[dict[str, Any]], list[dict[str, Any]]]
 
 
 def first_question(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -19,31 +23,43 @@ def first_question(row: dict[str, Any]) -> list[dict[str, Any]]:
     return row["messages"][:1]
 
 
-def generate_answers(
-    policy: Any, processor: Any, rows: list[dict[str, Any]], batch_size: int = 32, max_new_tokens: int = 16
-) -> list[str]:
-    """The model's greedy answer to each row's first question, in row order."""
-    import torch
+def prompt_inputs(
+    processor: Any, rows: list[dict[str, Any]], device: Any, prompt: Prompt = first_question
+) -> Any:
+    """The rows' prompts (``prompt(row)``, default the first question) with their images, left-padded."""
     from PIL import Image
     from trl.data_utils import prepare_multimodal_messages
+
+    conversations = []
+    for row in rows:
+        images = [Image.open(path).convert("RGB") for path in row["images"]]
+        conversations.append(prepare_multimodal_messages(prompt(row), images=images))
+    return processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    ).to(device)
+
+
+def generate_answers(
+    policy: Any,
+    processor: Any,
+    rows: list[dict[str, Any]],
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    prompt: Prompt = first_question,
+) -> list[str]:
+    """The model's greedy answer to each row's prompt (default its first question), in row order."""
+    import torch
 
     device = next(policy.parameters()).device
     policy.eval()
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        conversations = []
-        for row in batch:
-            images = [Image.open(path).convert("RGB") for path in row["images"]]
-            conversations.append(prepare_multimodal_messages(first_question(row), images=images))
-        inputs = processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        ).to(device)
+        inputs = prompt_inputs(processor, rows[start : start + batch_size], device, prompt)
         with torch.inference_mode():
             output = policy.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

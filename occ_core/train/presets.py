@@ -12,7 +12,8 @@ A preset is a model source plus the training defaults of its size (docs: method-
 
 The real presets read a native Hugging Face checkpoint (``InternVLForConditionalGeneration``, e.g. a
 ``*-hf`` InternVL release); no network is used. Their optimiser defaults are Track A's: lr 4e-5, 2
-epochs, effective batch 12, weight decay 0.05, cosine schedule with 3% warm-up; MPO lr 1e-5.
+epochs, effective batch 12, weight decay 0.05, cosine schedule with 3% warm-up; MPO lr 1e-5; SC lr 4e-5
+(upstream).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Preset:
     vision: VisionPolicy
     sft: StageDefaults
     mpo: StageDefaults
+    sc: StageDefaults
     directory: str | None = None  # under Settings.models; None: built from a config (tiny)
     max_length: int | None = None
     notes: str = ""
@@ -85,6 +87,8 @@ class Preset:
 
 _REAL_SFT = StageDefaults(learning_rate=4e-5, epochs=2, batch_size=4, grad_accum=3)
 _REAL_MPO = StageDefaults(learning_rate=1e-5, epochs=3, batch_size=6, grad_accum=3)
+# Upstream SC: AdamW lr 4e-5, one epoch per phase; here 4 prompts x sc_samples answers per step.
+_REAL_SC = StageDefaults(learning_rate=4e-5, epochs=2, batch_size=4)
 
 # The tiny tower stays frozen, as the real presets' towers do: on 400 occluded synthetic frames (6
 # epochs, test split of 400, majority 0.275) SFT1 reached 0.383 with it frozen and 0.275 trained whole,
@@ -98,21 +102,36 @@ TINY = Preset(
     # MPO trains on clarity (Q6) pairs only; at 2e-4 the tiny model forgot Q1 (test Q1 0.000 after it, from
     # SFT2's 0.237), at 2e-5 it kept it (0.287) while its loss fell (1.63 -> 1.36), on the demo's 300 frames.
     mpo=StageDefaults(learning_rate=2e-5, epochs=2, batch_size=16, weight_decay=0.0),
+    sc=StageDefaults(learning_rate=1e-4, epochs=1, batch_size=8, weight_decay=0.0),
     notes="InternVL architecture built from a config; tower pre-trained by occ on unoccluded objects",
 )
 PRESETS: dict[str, Preset] = {
     "tiny": TINY,
     "internvl-1b": Preset(
-        "internvl-1b", "chatml", "Hermes-2", "frozen", _REAL_SFT, _REAL_MPO, directory="internvl-1b"
+        "internvl-1b", "chatml", "Hermes-2", "frozen", _REAL_SFT, _REAL_MPO, _REAL_SC, directory="internvl-1b"
     ),
     "internvl-2b": Preset(
-        "internvl-2b", "chatml", "internlm2-chat", "frozen", _REAL_SFT, _REAL_MPO, directory="internvl-2b"
+        "internvl-2b",
+        "chatml",
+        "internlm2-chat",
+        "frozen",
+        _REAL_SFT,
+        _REAL_MPO,
+        _REAL_SC,
+        directory="internvl-2b",
     ),
     "internvl-4b": Preset(
-        "internvl-4b", "phi3", "phi3-chat", "frozen", _REAL_SFT, _REAL_MPO, directory="internvl-4b"
+        "internvl-4b", "phi3", "phi3-chat", "frozen", _REAL_SFT, _REAL_MPO, _REAL_SC, directory="internvl-4b"
     ),
     "internvl-8b": Preset(
-        "internvl-8b", "chatml", "internlm2-chat", "frozen", _REAL_SFT, _REAL_MPO, directory="internvl-8b"
+        "internvl-8b",
+        "chatml",
+        "internlm2-chat",
+        "frozen",
+        _REAL_SFT,
+        _REAL_MPO,
+        _REAL_SC,
+        directory="internvl-8b",
     ),
 }
 

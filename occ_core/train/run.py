@@ -29,7 +29,7 @@ FINAL_STAGING = ".final.partial"
 
 def stage_defaults(cfg: TrainConfig, preset: Preset) -> dict[str, Any]:
     """The resolved optimiser settings: the config's where set, else the preset's for the stage."""
-    base: StageDefaults = preset.mpo if cfg.stage == "mpo" else preset.sft
+    base: StageDefaults = {"mpo": preset.mpo, "sc": preset.sc}.get(cfg.stage, preset.sft)
     return {
         "learning_rate": cfg.learning_rate or base.learning_rate,
         "epochs": cfg.epochs or base.epochs,
@@ -51,10 +51,10 @@ def data_fingerprint(training: data.TrainingData) -> str:
 
 def _code() -> str:
     # The modules that decide what a stage computes; vision.py only makes the shipped tower (fingerprinted).
-    from occ_core.train import config, presets, processor, tiny
+    from occ_core.train import config, presets, processor, sc, tiny
 
     return code_version(
-        checkpoint, config, data, metrics, model, presets, processor, tiny, sys.modules[__name__]
+        checkpoint, config, data, metrics, model, presets, processor, sc, tiny, sys.modules[__name__]
     )
 
 
@@ -92,7 +92,11 @@ def _trainer_args(cfg: TrainConfig, resolved: dict[str, Any], out: Path, device:
 def build_trainer(
     cfg: TrainConfig, policy: Any, processor: Any, training: data.TrainingData, args: dict[str, Any], ref: Any
 ) -> Any:
-    """trl's SFTTrainer (sft1, sft2: every assistant turn trained) or DPOTrainer with the MPO loss."""
+    """trl's SFTTrainer (sft1, sft2: every assistant turn trained), DPOTrainer with the MPO loss, or SC's."""
+    if cfg.stage == "sc":
+        from occ_core.train.sc import build_sc_trainer
+
+        return build_sc_trainer(cfg, policy, processor, training, args, ref)
     dataset = data.to_dataset(training)
     if cfg.stage == "mpo":
         from trl import DPOConfig, DPOTrainer
@@ -212,8 +216,8 @@ def train(
     lengths = data.preflight(training, processor, cfg.max_length)
     counts = model.apply_vision_policy(policy, resolved["vision"])
     ref = None
-    if cfg.stage == "mpo":
-        # MPO's reference is the frozen init (the SFT2 checkpoint), a separate copy from the policy.
+    if cfg.stage in ("mpo", "sc"):
+        # The reference is the frozen init (MPO: the SFT2 output, SC: the MPO output), apart from the policy.
         ref, _ = model.load_model(cfg.init, preset, cfg.attn_implementation)
         ref.requires_grad_(False).eval()
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,12 +134,12 @@ def test_an_out_of_another_run_is_refused(stages, train_data):
 # --- resume after SIGKILL -----------------------------------------------------------------------
 
 
-def _train_command(data: Path, out: Path, steps: int) -> list[str]:
+def _train_command(data: Path, out: Path, steps: int, stage: str = "sft1", *extra: str) -> list[str]:
     return [
         *OCC,
         "train",
         "--stage",
-        "sft1",
+        stage,
         "--data",
         str(data),
         "--out",
@@ -151,17 +152,19 @@ def _train_command(data: Path, out: Path, steps: int) -> list[str]:
         "5",
         "--logging-steps",
         "5",
+        *extra,
     ]
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_weights(train_data, tmp_path):
-    steps = 40
+def killed_and_rerun_matches_whole(command: Callable[[Path], list[str]], root: Path, steps: int) -> None:
+    """``command(out)`` run whole, and run again after a SIGKILL following its first complete checkpoint:
+    the second resumes and ends at ``steps`` with the same weights as the whole run (within 1e-6)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    subprocess.run(_train_command(train_data, whole, steps), check=True, env=env, capture_output=True)
+    whole, resumed = root / "whole", root / "resumed"
+    subprocess.run(command(whole), check=True, env=env, capture_output=True)
 
     proc = subprocess.Popen(
-        _train_command(train_data, resumed, steps),
+        command(resumed),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -175,13 +178,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(train_data, tmp_p
     proc.wait()
     assert not (resumed / CARD).exists()
 
-    subprocess.run(_train_command(train_data, resumed, steps), check=True, env=env, capture_output=True)
+    subprocess.run(command(resumed), check=True, env=env, capture_output=True)
     card = json.loads((resumed / CARD).read_text())
     assert card["resumed_from"] is not None and card["final_step"] == steps
     a, b = _weights(whole), _weights(resumed)
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(train_data, tmp_path):
+    steps = 40
+    killed_and_rerun_matches_whole(lambda out: _train_command(train_data, out, steps), tmp_path, steps)
 
 
 # --- bad input: a clear error naming the file or sample, before any training step ----------------
