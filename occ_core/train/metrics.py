@@ -11,8 +11,9 @@ from typing import Any
 
 from occ_core.fsio import atomic_path, write_jsonl_atomic
 
-# What a curve or a table shows per stage; MPO adds the preference metrics trl logs.
-CURVES = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies")
+# What a curve or a table shows per stage; MPO adds the preference metrics trl logs, SC its attempts'.
+SC_KEYS = ("reward_attempt1", "reward_attempt2", "improvement_rate", "fixed", "broken", "kl")
+CURVES = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies", *SC_KEYS[:3], "kl")
 TABLE_KEYS = (
     "step",
     "epoch",
@@ -23,6 +24,7 @@ TABLE_KEYS = (
     "rewards/rejected",
     "rewards/margins",
     "rewards/accuracies",
+    *SC_KEYS,
 )
 
 
