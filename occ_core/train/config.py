@@ -56,7 +56,9 @@ class StageSettings(BaseModel):
         description="SC: attempt-1 answers sampled per prompt; their rewards form a leave-one-out "
         "baseline (1: the batch mean)",
     )
-    sc_temperature: float = Field(1.0, gt=0, description="SC: sampling temperature of both attempts")
+    sc_temperature: float = Field(
+        0.5, gt=0, description="SC: sampling temperature of both attempts (tiny at 1.0 sampled broken words)"
+    )
     sc_max_new_tokens: int = Field(
         12, ge=1, description="SC: longest sampled answer in tokens ('The object is X.' is about 6)"
     )

@@ -24,8 +24,10 @@ The upstream code had three bugs this module does not repeat (method-spec sectio
 each): its "RL loss" scaled the mean log-softmax over the whole vocabulary, its KL compared the policy
 with itself, and its loss weights were Adam's beta defaults.
 
-Sampling is seeded from (seed, optimiser step, micro-batch, process), inside a forked RNG, so a run
-resumed from a checkpoint samples the same tokens as an uninterrupted one.
+Log-probabilities are those of the tempered policy the tokens were sampled from (logits / temperature),
+and image tokens are never sampled (an answer holding one would ask for an image feature that the
+prompt lacks). Sampling is seeded from (seed, optimiser step, micro-batch, process), inside a forked
+RNG, so a run resumed from a checkpoint samples the same tokens as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class Attempt:
     answer_ids: Any  # (sequences, length) sampled tokens
     answer_mask: Any  # (sequences, length) 1 up to and including the end-of-turn token
     texts: list[str]
+    temperature: float  # they were sampled at; their log-probabilities are of the same tempered policy
 
 
 def image_token_ids(processor: Any) -> list[int]:
@@ -195,7 +198,7 @@ def sample_attempt(
         "pixel_values": inputs["pixel_values"],
     }
     texts = [t.strip() for t in processor.batch_decode(answer_ids * answer_mask, skip_special_tokens=True)]
-    return Attempt(full, answer_ids, answer_mask, texts)
+    return Attempt(full, answer_ids, answer_mask, texts, settings.sc_temperature)
 
 
 def answer_logprobs(model: Any, attempt: Attempt) -> Any:
@@ -204,7 +207,7 @@ def answer_logprobs(model: Any, attempt: Attempt) -> Any:
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     length = attempt.answer_ids.shape[1]
     logits = model(**attempt.inputs, position_ids=positions, logits_to_keep=length + 1).logits[:, :-1]
-    return token_logprobs(logits, attempt.answer_ids)
+    return token_logprobs(logits / attempt.temperature, attempt.answer_ids)
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
