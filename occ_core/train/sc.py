@@ -45,16 +45,7 @@ from occ_core.train.config import TrainConfig
 from occ_core.train.data import TrainingData
 from occ_core.train.predict import first_question, generate_answers, prompt_inputs, reference_answers
 
-# Per-step metrics SCTrainer logs besides the loss; counts are summed over a logging window.
-MEAN_METRICS = (
-    "reward_attempt1",
-    "reward_attempt2",
-    "accuracy_attempt1",
-    "accuracy_attempt2",
-    "improvement_rate",
-    "kl",
-    "policy_loss",
-)
+# SCTrainer's per-step metrics that are counts, summed over a logging window (the rest are means).
 SUM_METRICS = ("fixed", "broken")
 
 
@@ -233,13 +224,12 @@ class SCTrainer(Trainer):
     def _phase_one(self) -> bool:
         return self.settings.sc_phases == "two-phase" and self.state.global_step < self.state.max_steps // 2
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        import torch
-
-        settings, rows = self.settings, inputs["rows"]
-        samples = settings.sc_samples
-        repeated = [{**row, "messages": first_question(row)} for row in rows for _ in range(samples)]
-        truth = [t for t in reference_answers(rows) for _ in range(samples)]
+    def _attempts(self, model: Any, rows: list[dict[str, Any]]) -> tuple[Attempt, Attempt]:
+        """``sc_samples`` first answers per row, and one second answer to each, sampled without grad."""
+        settings = self.settings
+        repeated = [
+            {**row, "messages": first_question(row)} for row in rows for _ in range(settings.sc_samples)
+        ]
         policy = self.accelerator.unwrap_model(model)
         was_training = policy.training
         policy.eval()
@@ -251,7 +241,15 @@ class SCTrainer(Trainer):
             ]
             second = sample_attempt(policy, self.processing_class, second_prompts, settings)
         policy.train(was_training)
+        return first, second
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        import torch
+
+        settings, rows = self.settings, inputs["rows"]
+        samples = settings.sc_samples
+        truth = [t for t in reference_answers(rows) for _ in range(samples)]
+        first, second = self._attempts(model, rows)
         device = first.answer_ids.device
         r1 = torch.tensor(
             [answer_reward(t, a) for t, a in zip(truth, first.texts, strict=True)], device=device
