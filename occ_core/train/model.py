@@ -64,6 +64,22 @@ def base_model(
     return model, processor, str(directory)
 
 
+def base_fingerprint(preset: Preset) -> str:
+    """What a stage started from the preset's base model depends on, for the run key.
+
+    The tiny base is built from code and the shipped tower, so the tower's weights are part of it (a
+    new tower retrains every stage). A real preset's base is named by its preset only: hashing gigabytes
+    of weights at every cache check costs more than it saves, so replacing the weights in its folder
+    needs a new ``--out`` (README, "Training").
+    """
+    if preset.directory is None:
+        from occ_core.train.checkpoint import fingerprint_files
+        from occ_core.train.tiny import VISION_ASSET
+
+        return f"base:{preset.name}:tower {fingerprint_files(VISION_ASSET)[:16]}"
+    return f"base:{preset.name}"
+
+
 def apply_vision_policy(model: Any, policy: VisionPolicy) -> dict[str, int]:
     """Freeze the vision tower (``frozen``), all of it but its last layer (``last``), or nothing (``full``).
 

@@ -151,7 +151,9 @@ def run_identity(cfg: TrainConfig, preset: Preset, training: data.TrainingData) 
         CheckpointError: ``cfg.init`` is not a complete model directory.
     """
     init_fp = (
-        checkpoint.fingerprint(checkpoint.check_model_dir(cfg.init)) if cfg.init else f"base:{preset.name}"
+        checkpoint.fingerprint(checkpoint.check_model_dir(cfg.init))
+        if cfg.init
+        else model.base_fingerprint(preset)
     )
     run = {
         "stage": cfg.stage,

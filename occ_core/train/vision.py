@@ -96,6 +96,13 @@ class VisionPretrainConfig(BaseModel):
     blob_probability: float = Field(
         0.0, ge=0, le=1, description="chance per image of painting skin-coloured blobs (a crude hand)"
     )
+    hand_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="chance per image of pasting the visible hand of another training frame over it "
+        "(its rgb pixels under its segm hand mask); the object pixels of occluded frames are never used",
+    )
     probe_frames: int = Field(
         4000, ge=0, description="occluded training frames (rgb) of the frozen-tower linear probe; 0: none"
     )
@@ -181,6 +188,28 @@ def preprocess(paths: Sequence[Path], size: int, chunk: int = 512) -> torch.Tens
     return torch.cat(parts) if parts else torch.zeros(0, 3, size, size, dtype=torch.float16)
 
 
+def hand_masks(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """Visible-hand coverage of each ``segm`` PNG, box-averaged to ``size`` (float16, N,1,S,S in [0, 1])."""
+    masks = []
+    for path in paths:
+        scene = obman.read_segm(path)[:, :, 0]
+        hand = Image.fromarray(np.isin(scene, obman.HAND_LABELS).astype(np.uint8) * 255)
+        masks.append(np.asarray(hand.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255)
+    if not masks:
+        return torch.zeros(0, 1, size, size, dtype=torch.float16)
+    return torch.from_numpy(np.stack(masks)[:, None]).to(torch.float16)
+
+
+def hand_layers(roots: Sequence[Path], split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values of every occluded frame of ``split`` and the coverage of its visible hand.
+
+    Only the hand is pasted from these (``augment``): the object under it is hidden by the mask.
+    """
+    paths, _ = labelled_images(roots, split, "rgb")
+    segm = [sample.segm_path for root in roots for sample in obman.list_samples(root, split)]
+    return preprocess(paths, size), hand_masks(segm, size)
+
+
 # --- augmentation ---------------------------------------------------------------------------------
 
 
@@ -211,8 +240,34 @@ def _skin_blobs(images: torch.Tensor, gen: torch.Generator, probability: float) 
     return images * (1 - mask) + mask * colour * shade
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, cfg: VisionPretrainConfig) -> torch.Tensor:
-    """Mild geometric and colour augmentation of normalised pixel values (same shape and dtype)."""
+def _paste_hands(
+    x: torch.Tensor, hands: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator, probability: float
+) -> torch.Tensor:
+    """Composite the visible hand of a random other frame over a share ``probability`` of ``x``.
+
+    Normalisation is affine per channel, so compositing normalised values equals compositing pixels.
+    """
+    pixels, coverage = hands
+    b, dev = x.shape[0], x.device
+    pick = torch.randint(0, len(pixels), (b,), generator=gen, device=dev)
+    on = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) < probability).float()
+    alpha = coverage[pick].float() * on
+    return x * (1 - alpha) + pixels[pick].float() * alpha
+
+
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    cfg: VisionPretrainConfig,
+    hands: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mild geometric and colour augmentation of normalised pixel values (same shape and dtype).
+
+    ``hands`` (``hand_layers``) are pasted first when ``cfg.hand_probability`` is set, so the hand
+    moves with the object under the geometric augmentation.
+    """
+    if hands is not None and cfg.hand_probability > 0 and len(hands[0]):
+        x = _paste_hands(x.float(), hands, gen, cfg.hand_probability).to(x.dtype)
     if cfg.augment == "none" and cfg.blob_probability == 0:
         return x
     b, dev = x.shape[0], x.device
@@ -283,8 +338,11 @@ def fit(
     steps: int,
     learning_rate: float,
     params: Sequence[torch.nn.Parameter] | None = None,
+    hands: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[float]:
     """Train ``params`` (default: all of ``model``) with AdamW, cosine schedule and augmentation.
+
+    ``hands`` are the hand layers pasted by ``augment`` (``cfg.hand_probability``).
 
     Returns:
         The mean loss of each tenth of the run.
@@ -303,7 +361,7 @@ def fit(
     for step in range(steps):
         index = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen, device=device)
         with _autocast(device):
-            logits = model(augment(x[index], gen, cfg).float())
+            logits = model(augment(x[index], gen, cfg, hands).float())
             loss = F.cross_entropy(logits.float(), y[index], label_smoothing=cfg.label_smoothing)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -389,6 +447,7 @@ def calibrate_steps(
     cfg: VisionPretrainConfig,
     probe_steps: int = 100,
     margin: float = 0.85,
+    hands: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[int, dict[str, float]]:
     """The step count that fits ``cfg.max_seconds`` of training, timed on the real data path.
 
@@ -408,13 +467,13 @@ def calibrate_steps(
     device = x.device
     warm = min(10, cfg.steps)
     model = Classifier(build_tower(shape, cfg.seed)).to(device)
-    fit(model, x, y, cfg, warm, cfg.learning_rate)
+    fit(model, x, y, cfg, warm, cfg.learning_rate, hands=hands)
     _sync(device)
     # The warm-up's rate (an overestimate) caps the timed steps at a tenth of the budget.
     rough = (time.perf_counter() - start) / warm
     timed = max(1, min(probe_steps, cfg.steps, int(0.1 * float(cfg.max_seconds or 0) / rough)))
     tick = time.perf_counter()
-    fit(model, x, y, cfg, timed, cfg.learning_rate)
+    fit(model, x, y, cfg, timed, cfg.learning_rate, hands=hands)
     _sync(device)
     step = (time.perf_counter() - tick) / timed
     del model
@@ -447,7 +506,15 @@ def command_line(cfg: VisionPretrainConfig) -> str:
         cfg.device,
     ]
     defaults = VisionPretrainConfig(data=cfg.data, out=cfg.out)
-    for name in ("max_seconds", "batch_size", "learning_rate", "augment", "blob_probability", "probe_frames"):
+    for name in (
+        "max_seconds",
+        "batch_size",
+        "learning_rate",
+        "augment",
+        "blob_probability",
+        "hand_probability",
+        "probe_frames",
+    ):
         if getattr(cfg, name) != getattr(defaults, name):
             args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
     if cfg.vision:
@@ -497,16 +564,22 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict[str, Any]:
     x, y = torch.cat([x_obj, x_ren]), torch.cat([y_obj, y_ren])
     if not len(x):
         raise ValueError(f"no {cfg.split} frames under {', '.join(map(str, cfg.data))}")
+    hands = None
+    if cfg.hand_probability > 0:
+        pixels, coverage = hand_layers(cfg.data, cfg.split, size)
+        hands = (pixels.to(device), coverage.to(device))
     held_out = {
         kind: _load_set(cfg.eval_data, cfg.eval_split, kind, cfg.eval_renders, size, device)
         for kind in ("rgb_obj", "rgb", "render")
     }
     loaded = time.perf_counter()
 
-    steps, calibration = (cfg.steps, {}) if cfg.max_seconds is None else calibrate_steps(shape, x, y, cfg)
+    steps, calibration = (
+        (cfg.steps, {}) if cfg.max_seconds is None else calibrate_steps(shape, x, y, cfg, hands=hands)
+    )
     run = cfg.model_copy(update={"steps": steps, "max_seconds": None})  # what the card's command replays
     model = Classifier(build_tower(shape, cfg.seed)).to(device)
-    curve = fit(model, x, y, cfg, run.steps, cfg.learning_rate)
+    curve = fit(model, x, y, cfg, run.steps, cfg.learning_rate, hands=hands)
     trained = time.perf_counter()
 
     accuracies = {kind: round(accuracy(model, xs, ys), 4) for kind, (xs, ys) in held_out.items() if len(xs)}
@@ -538,6 +611,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict[str, Any]:
         "data": {
             "train_rgb_obj": len(x_obj),
             "train_renders": len(x_ren),
+            "hand_layers": 0 if hands is None else len(hands[0]),
             **{f"held_out_{kind}": len(xs) for kind, (xs, _) in held_out.items()},
         },
         "held_out_accuracy": accuracies,
@@ -619,6 +693,13 @@ def _field(name: str) -> Any:
     default=_field("blob_probability"),
     show_default=True,
     help=field_help(VisionPretrainConfig, "blob_probability"),
+)
+@click.option(
+    "--hand-probability",
+    type=float,
+    default=_field("hand_probability"),
+    show_default=True,
+    help=field_help(VisionPretrainConfig, "hand_probability"),
 )
 @click.option(
     "--probe-frames",

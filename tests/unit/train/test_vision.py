@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
@@ -120,3 +121,42 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path, args: list[str], option: 
     assert result.exit_code == 2
     assert option in result.output
     assert "Traceback" not in result.output
+
+
+def test_hand_layers_paste_only_the_hand_of_another_frame(tiny_obman: Path, tmp_path: Path) -> None:
+    from occ_core import obman
+
+    pixels, coverage = vision.hand_layers([tiny_obman], "train", 64)
+    samples = obman.list_samples(tiny_obman, "train")
+    assert len(pixels) == len(coverage) == len(samples)
+    assert 0 < coverage.float().mean() < 1  # some hand, not all of the frame
+
+    x = vision.preprocess([s.rgb_obj_path for s in samples], 64)
+    cfg = vision.VisionPretrainConfig(data=(tiny_obman,), out=tmp_path, augment="none", hand_probability=1.0)
+    pasted = vision.augment(x, torch.Generator().manual_seed(0), cfg, (pixels, coverage))
+    # Replay the frame choice: where a mask is 0 the object-only pixels stay, where it is 1 the hand's come.
+    pick = torch.randint(0, len(pixels), (len(x),), generator=torch.Generator().manual_seed(0))
+    alpha = coverage[pick].float()
+    expected = x.float() * (1 - alpha) + pixels[pick].float() * alpha
+    assert torch.allclose(pasted.float(), expected, atol=1e-2)
+    assert not torch.equal(pasted, x)
+
+    untouched = vision.augment(
+        x, torch.Generator().manual_seed(0), cfg.model_copy(update={"hand_probability": 0.0})
+    )
+    assert torch.equal(untouched, x)
+
+
+def test_hand_probability_is_in_the_card_command(tiny_obman: Path, tmp_path: Path) -> None:
+    cfg = vision.VisionPretrainConfig(
+        data=(tiny_obman,),
+        out=tmp_path / "t",
+        steps=1,
+        batch_size=2,
+        probe_frames=0,
+        hand_probability=0.5,
+        vision=TINY_SHAPE,
+    )
+    card = vision.pretrain_vision(cfg)
+    assert "--hand-probability 0.5" in card["command"]
+    assert card["data"]["hand_layers"] == card["data"]["train_rgb_obj"]
