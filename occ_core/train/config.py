@@ -51,7 +51,7 @@ class StageSettings(BaseModel):
     )
     # SC (occ_core.train.sc): the weights are named for what they weigh, not after Adam's betas (upstream).
     sc_samples: int = Field(
-        4,
+        8,
         ge=1,
         description="SC: attempt-1 answers sampled per prompt; their rewards form a leave-one-out "
         "baseline (1: the batch mean)",
@@ -74,7 +74,7 @@ class StageSettings(BaseModel):
         "re-asked question alone (rewrite, as upstream)",
     )
     sc_phases: Literal["both", "two-phase"] = Field(
-        "both",
+        "two-phase",
         description="SC: train both attempts throughout, or two-phase (upstream: first half attempt 2 only "
         "with KL on attempt 1, second half both)",
     )

@@ -17,8 +17,9 @@ reward gets the bonus ``sc_improvement_bonus * (r2 - r1)`` (upstream alpha 0.1).
 where A is the reward minus the leave-one-out mean of the other samples of the same prompt (the batch
 mean with one sample), the policy gradient flows through the log-probabilities of the sampled tokens
 only, and KL is the k3 estimate on the sampled tokens against a separate frozen copy of the init
-checkpoint. ``sc_phases="two-phase"`` follows the upstream schedule: for the first half of the
-optimiser steps only attempt 2 is trained, with the KL on attempt 1 alone; then both as above.
+checkpoint. ``sc_phases="two-phase"`` (default) follows the upstream schedule: for the first half of the
+optimiser steps only attempt 2 is trained, with the KL on attempt 1 alone, so attempt 1 stays near the
+reference while attempt 2 learns to correct it; then both as above (``"both"``: throughout).
 
 The upstream code had three bugs this module does not repeat (method-spec section 5; a unit test
 each): its "RL loss" scaled the mean log-softmax over the whole vocabulary, its KL compared the policy
