@@ -1,18 +1,23 @@
-"""occ's training stages SFT1 -> SFT2 -> MPO through ``occ train``, timed per stage (issue 8 section 4).
+"""occ's training stages SFT1 -> SFT2 -> MPO -> SC through ``occ train``, timed per stage (issue 8 section 4).
 
-    python -m benchmarks.train_gpu --out DIR [--steps 200] [--shape internvl3-1b|tiny] [--work DIR]
+    python -m benchmarks.train_gpu --out DIR [--steps 200] [--mpo-steps N] [--sc-steps 100]
+        [--shape internvl3-1b|tiny] [--work DIR]
 
 Builds an InternVL model directory from a config (random weights; ``internvl3-1b``: InternViT-300M at
 448 px, patch 14, pixel shuffle 0.5, Qwen2.5-0.5B text with an untied head and vocab 151,674, 938 M
 parameters; ``tiny``: the tiny preset's shape) with occ's tiny tokenizer (a BPE over the QA sentences,
 InternVL's special tokens, ChatML), makes a synthetic split with occ's synth and datasets stages, and
-runs the three stages as ``python -m occ_core.cli train --preset internvl-1b`` subprocesses, each
-starting from the previous one's output. The processor resizes the 256 px frames to the tower's side.
+runs the four stages as ``python -m occ_core.cli train --preset internvl-1b`` subprocesses, each
+starting from the previous one's output (SC, issue 9, from MPO's). The processor resizes the 256 px
+frames to the tower's side.
 
 Per stage it reports the steps, the median step time (from the wall times of the stage's TensorBoard
 loss events, logged every step; the first ``WARMUP`` steps dropped), samples/s (pairs/s for mpo) at
 that median, and from the stage's model card the trainer's runtime and samples/s (those include the
-final checkpoint), the peak GPU memory, the trainable parameters and the first/last loss.
+final checkpoint), the peak GPU memory, the trainable parameters and the first/last loss. For SC a
+sample is a prompt (Q1 row): each step samples ``sc_samples`` (4) first answers per prompt and a second
+attempt of each, then scores both with the policy and the frozen init; SC's rows add the mean over its
+logged steps of its rewards and exact-match accuracies of attempt 1 and 2 (from ``metrics.jsonl``).
 ``DIR/results.json`` and ``DIR/results.md`` are rewritten after every stage, so a run stopped by
 ``--time-limit`` or a failing stage still leaves the stages before it. Models, data and checkpoints go
 under ``--work`` (default ``DIR/work``); each stage's checkpoints are removed once it is done.
@@ -69,7 +74,9 @@ SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], int | None]] = {
     ),
     "tiny": (TINY_VISION_CONFIG, {**TEXT_CONFIG, "tie_word_embeddings": False}, None),
 }
-STAGES = (("sft1", None), ("sft2", "sft1"), ("mpo", "sft2"))
+STAGES = (("sft1", None), ("sft2", "sft1"), ("mpo", "sft2"), ("sc", "mpo"))
+# SC's logged metrics averaged into its row (occ_core.train.sc.SCTrainer.compute_loss logs them)
+SC_MEANS = ("reward_attempt1", "reward_attempt2", "accuracy_attempt1", "accuracy_attempt2")
 VERSIONS = ("torch", "transformers", "trl", "datasets", "accelerate", "tokenizers", "huggingface_hub")
 
 
@@ -143,8 +150,20 @@ def step_seconds(tensorboard_dir: Path) -> list[float]:
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
+def logged_means(out: Path, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """The mean over a finished stage's logged steps (``OUT/metrics.jsonl``) of each of ``keys``."""
+    from occ_core.train.metrics import read_records
+
+    records = read_records(out)
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        means[key] = statistics.fmean(values) if values else None
+    return means
+
+
 def stage_result(stage: str, out: Path, batch: int, wall: float) -> dict[str, Any]:
-    """One stage's figures from its card and TensorBoard events."""
+    """One stage's figures from its card, TensorBoard events and (SC) logged metrics."""
     card = json.loads((out / CARD).read_text())
     steps = step_seconds(out / "tensorboard")
     timed = steps[WARMUP:] or steps
@@ -166,6 +185,7 @@ def stage_result(stage: str, out: Path, batch: int, wall: float) -> dict[str, An
         "first_loss": card["metrics"]["first_loss"],
         "last_loss": card["metrics"]["last_loss"],
         "device": card["device"],
+        **{f"mean_{key}": value for key, value in logged_means(out, SC_MEANS).items() if stage == "sc"},
     }
 
 
@@ -178,16 +198,17 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The per-stage table (samples/s are pairs/s for mpo)."""
+    """The per-stage table (samples/s are pairs/s for mpo, prompts/s for sc; rewards: sc's means)."""
     head = (
         "| stage | steps | batch | median step s | samples/s (median) | trainer samples/s | "
         "trainer runtime s | stage wall s | peak alloc GiB | peak reserved GiB | trainable | "
-        "first loss | last loss |"
+        "first loss | last loss | reward 1 | reward 2 | accuracy 1 | accuracy 2 |"
     )
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    columns = head.count(" | ") + 1
+    lines = [head, "|" + "---|" * columns]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['stage']} | {r['error']} |" + " |" * (columns - 2))
             continue
         cells = [
             r["stage"],
@@ -203,6 +224,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _cell(r["trainable"]),
             _cell(r["first_loss"]),
             _cell(r["last_loss"]),
+            *(_cell(r.get(f"mean_{key}")) for key in SC_MEANS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -233,6 +255,7 @@ def _write(out: Path, report: dict[str, Any]) -> None:
 @click.option("--shape", type=click.Choice(list(SHAPES)), default="internvl3-1b", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="SFT steps")
 @click.option("--mpo-steps", type=click.IntRange(min=1), default=None, help="MPO steps (default: --steps)")
+@click.option("--sc-steps", type=click.IntRange(min=1), default=100, show_default=True, help="SC steps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="per step")
 @click.option("--frames", type=click.IntRange(min=8), default=64, show_default=True, help="synthetic frames")
 @click.option("--time-limit", type=float, default=None, help="seconds for the whole run; later stages stop")
@@ -242,11 +265,12 @@ def main(
     shape: str,
     steps: int,
     mpo_steps: int | None,
+    sc_steps: int,
     batch_size: int,
     frames: int,
     time_limit: float | None,
 ) -> None:
-    """Run SFT1, SFT2 and MPO through ``occ train`` and write the per-stage table."""
+    """Run SFT1, SFT2, MPO and SC through ``occ train`` and write the per-stage table."""
     deadline = time.monotonic() + time_limit if time_limit else None
     out.mkdir(parents=True, exist_ok=True)
     work = (work or out / "work").resolve()
@@ -262,7 +286,7 @@ def main(
     previous: Path | None = None
     for stage, init_stage in STAGES:
         stage_out = work / stage
-        n = (mpo_steps or steps) if stage == "mpo" else steps
+        n = {"mpo": mpo_steps or steps, "sc": sc_steps}.get(stage, steps)
         command = stage_command(stage, data, stage_out, previous if init_stage else None, n, batch_size)
         remaining = None if deadline is None else deadline - time.monotonic()
         _log(f"{stage}: {' '.join(command[1:])}")
