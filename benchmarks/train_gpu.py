@@ -1,7 +1,7 @@
 """occ's training stages SFT1 -> SFT2 -> MPO -> SC through ``occ train``, timed per stage (issue 8 section 4).
 
     python -m benchmarks.train_gpu --out DIR [--steps 200] [--mpo-steps N] [--sc-steps 100]
-        [--shape internvl3-1b|tiny] [--work DIR]
+        [--sc-batch-size 4] [--shape internvl3-1b|tiny] [--work DIR]
 
 Builds an InternVL model directory from a config (random weights; ``internvl3-1b``: InternViT-300M at
 448 px, patch 14, pixel shuffle 0.5, Qwen2.5-0.5B text with an untied head and vocab 151,674, 938 M
@@ -15,9 +15,10 @@ Per stage it reports the steps, the median step time (from the wall times of the
 loss events, logged every step; the first ``WARMUP`` steps dropped), samples/s (pairs/s for mpo) at
 that median, and from the stage's model card the trainer's runtime and samples/s (those include the
 final checkpoint), the peak GPU memory, the trainable parameters and the first/last loss. For SC a
-sample is a prompt (Q1 row): each step samples ``sc_samples`` (4) first answers per prompt and a second
-attempt of each, then scores both with the policy and the frozen init; SC's rows add the mean over its
-logged steps of its rewards and exact-match accuracies of attempt 1 and 2 (from ``metrics.jsonl``).
+sample is a prompt (Q1 row; ``--sc-batch-size`` a step): each step samples ``sc_samples`` (occ's
+default 8) first answers per prompt and a second attempt of each, then scores both with the policy and
+the frozen init; SC's rows add the mean over its logged steps of its rewards and exact-match accuracies
+of attempt 1 and 2 (from ``metrics.jsonl``).
 ``DIR/results.json`` and ``DIR/results.md`` are rewritten after every stage, so a run stopped by
 ``--time-limit`` or a failing stage still leaves the stages before it. Models, data and checkpoints go
 under ``--work`` (default ``DIR/work``); each stage's checkpoints are removed once it is done.
@@ -257,6 +258,13 @@ def _write(out: Path, report: dict[str, Any]) -> None:
 @click.option("--mpo-steps", type=click.IntRange(min=1), default=None, help="MPO steps (default: --steps)")
 @click.option("--sc-steps", type=click.IntRange(min=1), default=100, show_default=True, help="SC steps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="per step")
+@click.option(
+    "--sc-batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="SC prompts per step (the real presets' 4; each sampled sc_samples times)",
+)
 @click.option("--frames", type=click.IntRange(min=8), default=64, show_default=True, help="synthetic frames")
 @click.option("--time-limit", type=float, default=None, help="seconds for the whole run; later stages stop")
 def main(
@@ -267,6 +275,7 @@ def main(
     mpo_steps: int | None,
     sc_steps: int,
     batch_size: int,
+    sc_batch_size: int,
     frames: int,
     time_limit: float | None,
 ) -> None:
@@ -287,7 +296,8 @@ def main(
     for stage, init_stage in STAGES:
         stage_out = work / stage
         n = {"mpo": mpo_steps or steps, "sc": sc_steps}.get(stage, steps)
-        command = stage_command(stage, data, stage_out, previous if init_stage else None, n, batch_size)
+        batch = sc_batch_size if stage == "sc" else batch_size
+        command = stage_command(stage, data, stage_out, previous if init_stage else None, n, batch)
         remaining = None if deadline is None else deadline - time.monotonic()
         _log(f"{stage}: {' '.join(command[1:])}")
         started = time.monotonic()
@@ -304,7 +314,7 @@ def main(
             _write(out, report)
             _log(f"{stage} failed ({error}); see {out / (stage + '.log')}")
             break
-        report["stages"].append(stage_result(stage, stage_out, batch_size, time.monotonic() - started))
+        report["stages"].append(stage_result(stage, stage_out, batch, time.monotonic() - started))
         shutil.rmtree(stage_out / CHECKPOINTS, ignore_errors=True)  # the next stage reads the final model
         _write(out, report)
         _log(f"{stage} done: " + json.dumps(report["stages"][-1]))
