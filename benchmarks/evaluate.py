@@ -94,8 +94,16 @@ def load_policy(shape: str, checkpoint: Path | None, work: Path, device: str) ->
         build_model_dir(directory, shape)
         policy, processor = load_model(directory, get_preset(PRESET))
         origin = f"{shape}, random weights (benchmarks.train_gpu.build_model_dir)"
+    import torch
+
     device = resolve_device(device)
-    return policy.to(device), processor, {"origin": origin, "device": device, **parameter_counts(policy)}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as occ_core.evaluate.infer loads it
+    policy = policy.to(device, dtype=dtype)
+    return (
+        policy,
+        processor,
+        {"origin": origin, "device": device, "dtype": str(dtype), **parameter_counts(policy)},
+    )
 
 
 def chat(policy: Any, processor: Any, image: Path, messages: list[dict[str, Any]], cfg: InferConfig) -> str:

@@ -34,7 +34,7 @@ from occ_core.classes import answer_for
 from occ_core.cot import Q6_TEXT, Prompts, content_blocks
 from occ_core.errors import BadSample, StageError
 from occ_core.evaluate.score import SHOWN_IDS, normalise_clarity, score_files
-from occ_core.fsio import write_json_atomic, write_jsonl_atomic
+from occ_core.fsio import sha256_file, write_json_atomic, write_jsonl_atomic
 from occ_core.jsonl import iter_jsonl
 from occ_core.splits import SplitName
 
@@ -159,6 +159,20 @@ def check_views(views: Path, items: list[TestItem], split: str) -> list[str]:
     return missing
 
 
+def test_set_fingerprint(items: list[TestItem], views: Path, split: str) -> str:
+    """Content hash of a test set as the protocol sees it: ids, truth answers, image and render bytes.
+
+    Two runs with the same fingerprint, checkpoint and settings give the same answers, wherever the
+    files lie; a re-rendered view or a changed frame changes it. An absent render hashes as absent.
+    """
+    digest = hashlib.sha256()
+    for item in items:
+        render = render_path(views, item.id, split)
+        digest.update(f"{item.id}\t{item.answer}\t{sha256_file(item.image)}\t".encode())
+        digest.update((sha256_file(render) if render.is_file() else "-").encode() + b"\n")
+    return digest.hexdigest()
+
+
 def _unreadable(path: Path) -> str | None:
     # The readers' own decoder, so evaluation refuses what the data stages refuse.
     try:
@@ -176,11 +190,23 @@ def _whole(row: dict[str, Any]) -> list[dict[str, Any]]:
     return row["messages"]
 
 
+TURN_FIELDS = ("id", "q1", "clarity", "error")  # what the first two turns decide, renders aside
+
+
 def infer_shard(
-    policy: Any, processor: Any, items: list[TestItem], views: Path, split: str, cfg: InferConfig
+    policy: Any,
+    processor: Any,
+    items: list[TestItem],
+    views: Path,
+    split: str,
+    cfg: InferConfig,
+    turns: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The protocol on one shard: one batched pass for Q1, one for clarity, one for the renders.
 
+    Args:
+        turns: This shard's Q1 and clarity answers from a run with other renders (``TURN_FIELDS``);
+            given, only the render pass runs: the first two turns never see a render.
     Returns:
         One row per item, in item order: ``id``, ``q1`` (None: image unreadable), ``clarity`` (raw),
         ``q1_3d`` (None: not asked or no render), ``render`` (the file asked, or None), ``error``.
@@ -188,35 +214,33 @@ def infer_shard(
     from occ_core.train.predict import generate_answers
 
     q1_turn = _q1_turn(Prompts())
-    rows = [
-        {
-            "id": it.id,
-            "q1": None,
-            "clarity": None,
-            "q1_3d": None,
-            "render": None,
-            "error": _unreadable(it.image),
-        }
-        for it in items
-    ]
-    ok = [(row, it) for row, it in zip(rows, items, strict=True) if row["error"] is None]
 
     def ask(prompts: list[tuple[Path, list[dict[str, Any]]]]) -> list[str]:
         asked = [{"images": [str(image)], "messages": messages} for image, messages in prompts]
         return generate_answers(policy, processor, asked, cfg.batch_size, cfg.max_new_tokens, _whole)
 
-    for (row, _), answer in zip(ok, ask([(it.image, q1_turn) for _, it in ok]), strict=True):
-        row["q1"] = answer
-    question = {"role": "user", "content": [{"type": "text", "text": cfg.clarity_question()}]}
-    history = [
-        (
-            it.image,
-            [*q1_turn, {"role": "assistant", "content": [{"type": "text", "text": row["q1"]}]}, question],
-        )
-        for row, it in ok
-    ]
-    for (row, _), answer in zip(ok, ask(history), strict=True):
-        row["clarity"] = answer
+    if turns is not None:
+        rows = [{**turn, "q1_3d": None, "render": None} for turn in turns]
+    else:
+        rows = [
+            {"id": it.id, "q1": None, "clarity": None, "q1_3d": None, "render": None}
+            | {"error": _unreadable(it.image)}
+            for it in items
+        ]
+        ok = [(row, it) for row, it in zip(rows, items, strict=True) if row["error"] is None]
+        for (row, _), answer in zip(ok, ask([(it.image, q1_turn) for _, it in ok]), strict=True):
+            row["q1"] = answer
+        question = {"role": "user", "content": [{"type": "text", "text": cfg.clarity_question()}]}
+        history = [
+            (
+                it.image,
+                [*q1_turn, {"role": "assistant", "content": [{"type": "text", "text": row["q1"]}]}, question],
+            )
+            for row, it in ok
+        ]
+        for (row, _), answer in zip(ok, ask(history), strict=True):
+            row["clarity"] = answer
+    ok = [(row, None) for row in rows if row["error"] is None]
     fallback = []
     for row, _ in ok:
         if cfg.fallback == "all" or normalise_clarity(row["clarity"]) == "no":
@@ -231,6 +255,19 @@ def infer_shard(
     for row, answer in zip(fallback, answers, strict=True):
         row["q1_3d"] = answer
     return rows
+
+
+def turns_cache(plan: dict[str, Any]) -> Path:
+    """Where the Q1 and clarity answers of a plan are kept for runs with other renders.
+
+    The key leaves out what only the render pass uses (views, fallback), so every backend's
+    evaluation of one checkpoint and test set asks the first two turns once; ``plan`` carries the
+    images' content hash, since test sets of other seeds reuse the same ids.
+    """
+    from occ_core.stage import params_hash, stage_dir
+
+    shared = {k: v for k, v in plan.items() if k not in ("views", "fallback")}
+    return stage_dir("evaluate", f"turns-{params_hash(shared)[:16]}")
 
 
 def _shard_path(out: Path, index: int) -> Path:
@@ -259,13 +296,17 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
 
 
 def _load(checkpoint: Path, cfg: InferConfig) -> tuple[Any, Any]:
+    import torch
+
     from occ_core.train.checkpoint import read_card
     from occ_core.train.model import load_model, resolve_device
     from occ_core.train.presets import get_preset
 
     card = read_card(checkpoint) or {}
     policy, processor = load_model(checkpoint, get_preset(cfg.preset or card.get("preset") or "tiny"))
-    return policy.to(resolve_device(cfg.device)), processor
+    device = resolve_device(cfg.device)
+    # On a GPU the model answers in bf16, as upstream evaluates; on a CPU in fp32, as it trained there.
+    return policy.to(device, dtype=torch.bfloat16 if device == "cuda" else torch.float32), processor
 
 
 def run_protocol(
@@ -303,6 +344,8 @@ def run_protocol(
         **cfg.plan_params(),
     }
     _check_plan(out, plan)
+    images = hashlib.sha256("".join(sha256_file(item.image) for item in items).encode()).hexdigest()
+    turns_dir = turns_cache({**plan, "images_sha256": images})
     shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
     model: tuple[Any, Any] | None = None
     rows, computed, reused = [], [], []
@@ -311,8 +354,13 @@ def run_protocol(
         done = _finished_shard(path, [item.id for item in shard])
         if done is None:
             model = model or _load(checkpoint, cfg)
-            done = infer_shard(*model, shard, views, split, cfg)
+            ids_of_shard = [item.id for item in shard]
+            turns_path = _shard_path(turns_dir, index)
+            turns = _finished_shard(turns_path, ids_of_shard)
+            done = infer_shard(*model, shard, views, split, cfg, turns)
             write_jsonl_atomic(path, done)
+            if turns is None:
+                write_jsonl_atomic(turns_path, [{k: row[k] for k in TURN_FIELDS} for row in done])
             computed.append(index)
         else:
             reused.append(index)
