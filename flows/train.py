@@ -1,4 +1,4 @@
-"""The train flow: SFT1, clarity labels from SFT1's own errors, SFT2, MPO; each stage scored on test.
+"""The train flow: SFT1, clarity labels from SFT1's own errors, SFT2, MPO, SC; each scored on test.
 
 Run::
 
@@ -12,8 +12,9 @@ trains:
    grade images it trained on);
 3. the datasets stage runs again with those answers and the model-errors grader: SFT2, the balanced
    set and the pairs now say "unclear" where SFT1 was wrong;
-4. SFT2 trains from SFT1, MPO from SFT2 (its frozen reference);
-5. every stage's model answers Q1 on the held-out test split, next to chance and the majority class.
+4. SFT2 trains from SFT1, MPO from SFT2 (its frozen reference), SC from MPO (its frozen reference);
+5. every stage's model answers Q1 on the held-out test split, next to chance and the majority class,
+   and MPO and SC answer it twice (the re-ask of self-correction): attempt 1 and 2 before and after SC.
 
 Each stage is a ``gpu``-tagged task in a subprocess, cached on its data, init and settings, and retried
 with resume (tasks.train). An unchanged re-run trains nothing.
@@ -34,7 +35,7 @@ from occ_core.config import field_help
 from occ_core.datasets import DatasetsConfig
 from occ_core.train.config import StageSettings, TrainConfig
 from occ_core.train.launch import LaunchConfig
-from tasks.train import plan_stage, q1_accuracy, train_stage
+from tasks.train import plan_stage, q1_accuracy, train_stage, two_attempts
 
 
 class TrainParams(BaseModel):
@@ -57,6 +58,9 @@ class TrainParams(BaseModel):
     sft1: StageSettings = Field(default_factory=StageSettings, description="SFT1 settings")
     sft2: StageSettings = Field(default_factory=StageSettings, description="SFT2 settings")
     mpo: StageSettings = Field(default_factory=StageSettings, description="MPO settings")
+    sc: StageSettings | None = Field(
+        default_factory=StageSettings, description="self-correction settings; None: stop after MPO"
+    )
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="how each stage is started")
 
 
@@ -68,7 +72,7 @@ def stage_config(params: TrainParams, stage: str, data: Path, init: Path | None)
 
 @flow(name="train", log_prints=True)
 def train_flow(params: TrainParams) -> dict[str, Any]:
-    """datasets -> SFT1 (+ cross-prediction) -> datasets with model errors -> SFT2 -> MPO -> test Q1."""
+    """datasets -> SFT1 (+ cross-prediction) -> datasets with model errors -> SFT2 -> MPO -> SC -> test."""
     first = datasets_flow(params.datasets)
     sft1 = plan_stage(stage_config(params, "sft1", Path(first["out_dir"]), None))
     sft1_card = train_stage(sft1, params.launch, folds=params.folds)
@@ -86,6 +90,9 @@ def train_flow(params: TrainParams) -> dict[str, Any]:
     mpo = plan_stage(stage_config(params, "mpo", data, Path(sft2.out)))
     mpo_card = train_stage(mpo, params.launch)
     stages = {"sft1": (sft1, sft1_card), "sft2": (sft2, sft2_card), "mpo": (mpo, mpo_card)}
+    if params.sc is not None:
+        sc = plan_stage(stage_config(params, "sc", data, Path(mpo.out)))
+        stages["sc"] = (sc, train_stage(sc, params.launch))
     summary: dict[str, Any] = {
         "datasets": str(data),
         "unclear": relabelled["unclear"],
@@ -100,10 +107,17 @@ def train_flow(params: TrainParams) -> dict[str, Any]:
             for name, (cfg, card) in stages.items()
         },
         "test_q1": {},
+        "test_two_attempts": {},
     }
     if params.test_data is not None:
         for name, (cfg, _) in stages.items():
             summary["test_q1"][name] = q1_accuracy(Path(cfg.out), params.test_data, params.preset, name)
+        if "sc" in stages:
+            reask = stages["sc"][0].sc_reask
+            for name in ("mpo", "sc"):
+                summary["test_two_attempts"][name] = two_attempts(
+                    Path(stages[name][0].out), params.test_data, params.preset, name, reask
+                )
         create_table_artifact(
             key="train-test-q1",
             table=[
@@ -118,7 +132,8 @@ def train_flow(params: TrainParams) -> dict[str, Any]:
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per stage: its output, steps, loss, and its test Q1 accuracy against the baselines."""
+    """One line per stage: its output, steps, loss, and its test Q1 accuracy against the baselines;
+    then attempt 1 and attempt 2 of self-correction before (MPO) and after SC."""
     lines = []
     for name, stage in summary["stages"].items():
         line = (
@@ -132,6 +147,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                 f"majority {test['majority_rate']:.3f}, {test['accuracy'] / test['majority_rate']:.2f}x)"
             )
         lines.append(line)
+    for name, report in summary.get("test_two_attempts", {}).items():
+        lines.append(
+            f"  {'before SC' if name == 'mpo' else 'after SC'} ({name}): attempt 1 {report['attempt1']:.3f}, "
+            f"attempt 2 {report['attempt2']:.3f} on {report['n']} (re-ask fixed {report['fixed']}, "
+            f"broke {report['broken']})"
+        )
     return lines
 
 
@@ -158,7 +179,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 @click.option("--folds", default=2, show_default=True, help=field_help(TrainParams, "folds"))
 @click.option("--seed", default=0, show_default=True, help="seed of the datasets and of every stage")
 def cli(root: Path, renders: Path | None, test_data: Path | None, preset: str, folds: int, seed: int) -> None:
-    """Train SFT1 -> SFT2 -> MPO on the train split of ROOT and score each stage on the test split."""
+    """Train SFT1 -> SFT2 -> MPO -> SC on the train split of ROOT and score each stage on the test split."""
     stage = StageSettings(seed=seed)
     train_flow(
         TrainParams(
@@ -169,6 +190,7 @@ def cli(root: Path, renders: Path | None, test_data: Path | None, preset: str, f
             sft1=stage,
             sft2=stage,
             mpo=stage,
+            sc=stage,
         )
     )
 

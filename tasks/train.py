@@ -34,6 +34,16 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(error, TrainingFailed) or error.retryable
 
 
+@task(name="base-model", tags=["cpu"])
+def base_model_dir(preset: str, seed: int = 0) -> Path:
+    """The preset's untrained base as a model directory (the tiny one is saved once), to score it."""
+    from occ_core.config import get_settings
+    from occ_core.train.model import base_checkpoint
+    from occ_core.train.presets import get_preset
+
+    return base_checkpoint(get_preset(preset), get_settings().models, seed)
+
+
 @task(name="plan-train-stage", tags=["cpu"])
 def plan_stage(cfg: TrainConfig) -> TrainConfig:
     """The stage's output folder, named by its run key."""
@@ -90,3 +100,23 @@ def q1_accuracy(model_dir: Path, test_data: Path, preset: str, stage: str) -> di
     from occ_core.train.predict import evaluate_q1
 
     return {"stage": stage, **evaluate_q1(model_dir, data.load_sft(test_data, "sft1"), preset)}
+
+
+def _two_attempts_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"two-attempts-{parameters['reask']}-{_accuracy_key(context, parameters)}"
+
+
+@task(
+    name="two-attempt-accuracy",
+    task_run_name="two-attempts-{stage}",
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_two_attempts_key),
+    persist_result=True,
+    tags=["gpu"],
+)
+def two_attempts(model_dir: Path, test_data: Path, preset: str, stage: str, reask: str) -> dict[str, Any]:
+    """Greedy attempt-1 and attempt-2 (re-asked) Q1 accuracy on the held-out Q1 rows, fixed and broken."""
+    from occ_core.train import data
+    from occ_core.train.sc import evaluate_two_attempts
+
+    test = data.load_sft(test_data, "sft1")
+    return {"stage": stage, **evaluate_two_attempts(model_dir, test, preset, reask)}

@@ -7,6 +7,8 @@ native InternVL directory). The processor travels with every checkpoint.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,35 @@ def base_fingerprint(preset: Preset) -> str:
 
         return f"base:{preset.name}:tower {fingerprint_files(VISION_ASSET)[:16]}"
     return f"base:{preset.name}"
+
+
+def base_checkpoint(preset: Preset, models_root: Path, seed: int = 0) -> Path:
+    """A directory holding the preset's untrained base, for scoring it beside the trained stages.
+
+    A real preset's is its folder under ``models_root``; the tiny base is built from its config and
+    the shipped tower and saved once under ``data_root/train/base-tiny-<fingerprint>`` (written to a
+    staging folder, then renamed, so a half-written base is never taken for one).
+    """
+    from occ_core.stage import params_hash, stage_dir
+    from occ_core.train.checkpoint import CARD
+    from occ_core.train.presets import preset_directory
+
+    if preset.directory is not None:
+        return preset_directory(preset, models_root)
+    identity = base_fingerprint(preset)
+    out = stage_dir("train", f"base-{preset.name}-{params_hash({'base': identity, 'seed': seed})}")
+    if (out / CARD).is_file():
+        return out
+    model, processor, source = base_model(preset, None, seed)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    card = {"stage": "base", "preset": preset.name, "source": source, "init_fingerprint": identity}
+    (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    return out
 
 
 def apply_vision_policy(model: Any, policy: VisionPolicy) -> dict[str, int]:

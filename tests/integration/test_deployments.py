@@ -110,6 +110,7 @@ def test_every_deployment_is_registered(deployed):
         "render/rerender",
         "datasets/build",
         "train/stages",
+        "evaluate/protocol",
     ):
         assert name in listing
 
