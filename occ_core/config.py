@@ -33,7 +33,14 @@ class Settings(BaseSettings):
     processes: int = Field(
         default_factory=lambda: max(1, (os.cpu_count() or 1) // 2),
         ge=1,
-        description="renderer processes for the synthesis and render stages",
+        description="renderer processes of the render stage",
+    )
+    # Synthesis is mostly Python per frame (meshes, hand pose, visibility checks) beside its small
+    # renders, so a process per core pays once a split has a few hundred frames (benchmarks/RESULTS.md).
+    synth_processes: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="processes of the synthesis stage (default: every core)",
     )
     depth_convention: Literal["writer", "reader"] = Field(
         "writer",

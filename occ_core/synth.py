@@ -628,8 +628,8 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
 
     Args:
         cfg: Dataset parameters.
-        processes: Render processes, at least 1; None takes settings.processes. Does not change the
-            output.
+        processes: Frame processes, at least 1; None takes settings.synth_processes. Does not change
+            the output.
     Returns:
         StageReport: ``ok`` frames written (or ``skipped`` when already complete), per-split stats
         in ``extra``.
@@ -638,7 +638,7 @@ def generate(cfg: SynthConfig, processes: int | None = None) -> StageReport:
         StageError: ``cfg.out`` holds a dataset made with other parameters, or frames keep failing
         the visibility threshold.
     """
-    processes = get_settings().processes if processes is None else processes
+    processes = get_settings().synth_processes if processes is None else processes
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     info_path = cfg.out / "synth_info.json"
@@ -735,7 +735,7 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     "--processes",
     type=click.IntRange(min=1),
     default=None,
-    help="render processes (default: OCC_PROCESSES, half the CPUs)",
+    help="frame processes (default: OCC_SYNTH_PROCESSES, every core)",
 )
 @click.option("--class-weights", default=None, help="e.g. jar=2720,bottle=2390 (default: the 10K priors)")
 def cli(

@@ -44,6 +44,7 @@ OVERRIDES: dict[str, Any] = {
     "sc_max_new_tokens": int,
     "sc_kl_weight": float,
     "sc_improvement_bonus": float,
+    "sc_reference_weight": float,
     "sc_reask": click.Choice(["conversation", "rewrite"]),
     "sc_phases": click.Choice(["both", "two-phase"]),
 }

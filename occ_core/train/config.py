@@ -68,6 +68,12 @@ class StageSettings(BaseModel):
     sc_improvement_bonus: float = Field(
         0.1, ge=0, description="SC: alpha; alpha * (r2 - r1) is added to attempt 2's reward (upstream 0.1)"
     )
+    sc_reference_weight: float = Field(
+        0.0,
+        ge=0,
+        description="SC: weight of the reference answer's negative log-likelihood after the re-ask (one "
+        "second-attempt prompt per row, a wrong first attempt when sampled); an SFT term, as MPO has one",
+    )
     sc_reask: Literal["conversation", "rewrite"] = Field(
         "conversation",
         description="SC: attempt 2 sees attempt 1 and the re-ask in one conversation (SCoRe), or the "

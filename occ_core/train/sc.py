@@ -193,6 +193,25 @@ def sample_attempt(
     return Attempt(full, answer_ids, answer_mask, texts, settings.sc_temperature)
 
 
+def reference_attempt(
+    processor: Any, prompts: list[dict[str, Any]], answers: list[str], eos_id: int, device: Any
+) -> Attempt:
+    """The reference answers as if sampled (at temperature 1) after the prompts: what the SFT term scores."""
+    import torch
+
+    inputs = prompt_inputs(processor, prompts, device, prompt=lambda row: row["messages"])
+    encoded = [processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos_id] for a in answers]
+    length = max(len(ids) for ids in encoded)
+    answer_ids = torch.tensor([ids + [eos_id] * (length - len(ids)) for ids in encoded], device=device)
+    answer_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in encoded], device=device)
+    full = {
+        "input_ids": torch.cat([inputs["input_ids"], answer_ids], dim=1),
+        "attention_mask": torch.cat([inputs["attention_mask"], answer_mask], dim=1),
+        "pixel_values": inputs["pixel_values"],
+    }
+    return Attempt(full, answer_ids, answer_mask, answers, 1.0)
+
+
 def answer_logprobs(model: Any, attempt: Attempt) -> Any:
     """Log-probabilities ``model`` gives the sampled answer tokens (positions numbered as generate did)."""
     mask = attempt.inputs["attention_mask"]
@@ -225,8 +244,11 @@ class SCTrainer(Trainer):
     def _phase_one(self) -> bool:
         return self.settings.sc_phases == "two-phase" and self.state.global_step < self.state.max_steps // 2
 
-    def _attempts(self, model: Any, rows: list[dict[str, Any]]) -> tuple[Attempt, Attempt]:
-        """``sc_samples`` first answers per row, and one second answer to each, sampled without grad."""
+    def _attempts(
+        self, model: Any, rows: list[dict[str, Any]]
+    ) -> tuple[Attempt, Attempt, list[dict[str, Any]]]:
+        """``sc_samples`` first answers per row, one second answer to each (sampled without grad), and
+        the prompts of the second attempts."""
         settings = self.settings
         repeated = [
             {**row, "messages": first_question(row)} for row in rows for _ in range(settings.sc_samples)
@@ -242,7 +264,28 @@ class SCTrainer(Trainer):
             ]
             second = sample_attempt(policy, self.processing_class, second_prompts, settings)
         policy.train(was_training)
-        return first, second
+        return first, second, second_prompts
+
+    def _reference_loss(
+        self, model: Any, second_prompts: list[dict[str, Any]], truth: list[str], right1: Any
+    ) -> Any:
+        """Mean negative log-likelihood of the reference answer after one second-attempt prompt per row:
+        the sample whose first attempt was wrong when there is one (what a correction is learnt from)."""
+        import torch
+
+        samples = self.settings.sc_samples
+        wrong = (~right1).view(-1, samples)
+        picks = [row * samples + int(torch.argmax(wrong[row].int())) for row in range(wrong.shape[0])]
+        eos = self.accelerator.unwrap_model(model).generation_config.eos_token_id
+        reference = reference_attempt(
+            self.processing_class,
+            [second_prompts[i] for i in picks],
+            [truth[i] for i in picks],
+            eos[0] if isinstance(eos, list) else eos,
+            right1.device,
+        )
+        logprobs = answer_logprobs(model, reference)
+        return -(logprobs * reference.answer_mask).sum() / reference.answer_mask.sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         import torch
@@ -250,7 +293,7 @@ class SCTrainer(Trainer):
         settings, rows = self.settings, inputs["rows"]
         samples = settings.sc_samples
         truth = [t for t in reference_answers(rows) for _ in range(samples)]
-        first, second = self._attempts(model, rows)
+        first, second, second_prompts = self._attempts(model, rows)
         device = first.answer_ids.device
         r1 = torch.tensor(
             [answer_reward(t, a) for t, a in zip(truth, first.texts, strict=True)], device=device
@@ -274,6 +317,10 @@ class SCTrainer(Trainer):
             policy_loss = policy_loss + policy_gradient_loss(logprobs1, first.answer_mask, a1)
             kl = kl1 + kl2
         loss = policy_loss + settings.sc_kl_weight * kl
+        reference_nll = torch.zeros((), device=device)
+        if settings.sc_reference_weight > 0:
+            reference_nll = self._reference_loss(model, second_prompts, truth, r1 == 1.0)
+            loss = loss + settings.sc_reference_weight * reference_nll
 
         exact1, exact2 = r1 == 1.0, r2 == 1.0
         for name, value in {
@@ -284,6 +331,7 @@ class SCTrainer(Trainer):
             "improvement_rate": (r2 > r1).float().mean(),
             "kl": kl.detach(),
             "policy_loss": policy_loss.detach(),
+            "reference_nll": reference_nll.detach(),
             "fixed": (~exact1 & exact2).sum(),
             "broken": (exact1 & ~exact2).sum(),
         }.items():

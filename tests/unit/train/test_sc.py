@@ -167,3 +167,60 @@ def test_sampling_seed_repeats_draws_and_leaves_the_global_rng_alone():
         assert torch.equal(torch.rand(3), first)
     with sc.seeded_sampling(0, 4, 0, 0):
         assert not torch.equal(torch.rand(3), first)
+
+
+# --- the reference term: the SFT anchor that gives the conversation re-ask a class answer to start from
+
+
+def test_reference_answer_is_scored_where_the_chat_template_puts_the_assistant_turn(sc_trainer):
+    from PIL import Image as PILImage
+    from trl.data_utils import prepare_multimodal_messages
+
+    trainer, rows = sc_trainer
+    processor = trainer.processing_class
+    prompt = {**rows[0], "messages": sc.reask_messages(rows[0], "The object is can.", "conversation")}
+    eos = trainer.model.generation_config.eos_token_id
+    attempt = sc.reference_attempt(processor, [prompt], ["The object is jar."], eos, torch.device("cpu"))
+    assert processor.batch_decode(attempt.answer_ids, skip_special_tokens=True) == ["The object is jar."]
+    assert attempt.answer_ids[0, -1].item() == eos and attempt.answer_mask.all()
+
+    conversation = [
+        *prompt["messages"],
+        {"role": "assistant", "content": [{"type": "text", "text": "The object is jar."}]},
+    ]
+    images = [PILImage.open(rows[0]["images"][0]).convert("RGB")]
+    whole = processor.apply_chat_template(
+        [prepare_multimodal_messages(conversation, images=images)],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )["input_ids"][0]
+    scored = attempt.inputs["input_ids"][0]
+    assert torch.equal(whole[: len(scored)], scored)
+
+
+def test_reference_term_enters_the_loss_with_its_weight_and_trains_the_truth_after_the_reask(sc_trainer):
+    trainer, rows = sc_trainer
+    trainer.settings = trainer.settings.model_copy(update={"sc_reference_weight": 0.0})
+    loss_without, _ = _loss_and_kl(trainer, rows)
+    assert trainer._window["reference_nll"][-1] == 0.0
+    trainer.settings = trainer.settings.model_copy(update={"sc_reference_weight": 2.0})
+    loss_with, _ = _loss_and_kl(trainer, rows)
+    nll = trainer._window["reference_nll"][-1]
+    assert nll > 0 and loss_with - loss_without == pytest.approx(2.0 * nll, rel=1e-4)
+
+
+def test_reference_term_picks_the_sample_whose_first_attempt_was_wrong(sc_trainer, monkeypatch):
+    trainer, rows = sc_trainer
+    seen = {}
+
+    def capture(processor, prompts, answers, eos_id, device):
+        seen["prompts"] = prompts
+        raise StopIteration
+
+    monkeypatch.setattr(sc, "reference_attempt", capture)
+    prompts = [{"messages": [f"row{r}-sample{s}"]} for r in range(2) for s in range(2)]
+    right = torch.tensor([True, False, True, True])  # row 0: sample 1 wrong; row 1: none wrong
+    with pytest.raises(StopIteration):
+        trainer._reference_loss(trainer.model, prompts, ["t"] * 4, right)
+    assert [p["messages"][0] for p in seen["prompts"]] == ["row0-sample1", "row1-sample0"]
