@@ -114,7 +114,8 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
                 # The upstream re-ask (rewritten prompt alone) and alpha 1.0: after MPO the tiny model answers
                 # any second turn "Yes."/"No.", so with the conversation re-ask SC found no class answer to
                 # reinforce and drifted to long strings the Levenshtein reward pays more for (README, SC).
-                # Half an epoch (38 steps of 4 prompts): a cold `make demo` took 10:11; one epoch, 10:22.
+                # Half an epoch (38 steps of 4 prompts): a full one did no better (benchmarks/RESULTS.md,
+                # self-correction) and costs the demo about 50 s more.
                 sc=StageSettings(seed=params.seed, sc_reask="rewrite", sc_improvement_bonus=1.0, epochs=0.5),
             )
         )
