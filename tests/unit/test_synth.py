@@ -131,3 +131,27 @@ def test_mesh_files_follow_shapenets_layout():
 
 def test_depth_conventions_match_the_readers_options():
     assert synth.DEPTH_CONVENTION in obman.DEPTH_CONVENTIONS and synth.DEPTH_KIND in obman.DEPTH_KINDS
+
+
+def test_synthesis_takes_every_core_by_default_and_its_own_setting(monkeypatch, tmp_path):
+    import os
+
+    from occ_core.config import Settings, get_settings
+
+    assert Settings().synth_processes == (os.cpu_count() or 1)
+    assert Settings().processes == max(1, (os.cpu_count() or 1) // 2)  # the render stage keeps half
+    seen = {}
+
+    def runner(cfg, processes):
+        seen["processes"] = processes
+        raise RuntimeError("stop before any frame")
+
+    monkeypatch.setattr(synth, "attempt_runner", runner)
+    monkeypatch.setenv("OCC_SYNTH_PROCESSES", "3")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="stop before"):
+            synth.generate(synth.SynthConfig(out=tmp_path / "root", n=1))
+    finally:
+        get_settings.cache_clear()
+    assert seen == {"processes": 3}
