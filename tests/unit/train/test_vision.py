@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,7 +44,12 @@ def test_pretrain_saves_a_stock_tower_and_its_card(tiny_obman: Path, tmp_path: P
 TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
-def test_max_seconds_lowers_the_steps_and_the_card_replays_them(tiny_obman: Path, tmp_path: Path) -> None:
+def test_max_seconds_lowers_the_steps_and_the_card_replays_them(
+    tiny_obman: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that moves 50 ms a reading, so the calibrated count is the same on any machine, however busy.
+    readings = itertools.count()
+    monkeypatch.setattr(vision, "time", SimpleNamespace(perf_counter=lambda: 0.05 * next(readings)))
     cfg = vision.VisionPretrainConfig(
         data=(tiny_obman,),
         out=tmp_path / "bounded",
