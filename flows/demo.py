@@ -7,9 +7,10 @@
 A synthetic ObMan-format dataset is generated, served from a local S3 server (moto) that the flow
 starts and stops, mirrored back with the real ingest flow, reconstructed and rendered without the
 hand, and turned into the chain-of-thought and preference datasets; then the tiny preset trains
-SFT1 -> SFT2 -> MPO -> SC on the train split (flows.train), and every trained stage goes through the
-method's evaluation protocol on the held-out test split with the depth and the oracle fallback renders
-(flows.evaluate). Every stage is cached: a second run with the same parameters is a no-op.
+SFT1 -> SFT2 -> MPO -> SC on the train split (flows.train), and every stage, the untrained base
+included, goes through the method's evaluation protocol on the held-out test split with the depth and
+the oracle fallback renders (flows.evaluate). Every stage is cached: a second run with the same
+parameters is a no-op.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from occ_core.splits import SplitName
 from occ_core.stage import stage_dir
 from occ_core.train.config import StageSettings
 from tasks.synth import synthesize, upload
+from tasks.train import base_model_dir
 
 # Sized so that a cold `make demo` ends within 10 minutes on 2 cores (README, "The demo").
 DEMO_FRAMES = 300
@@ -126,15 +128,15 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
 
 
 def evaluation_params(params: DemoConfig, summary: dict[str, Any], mirror: Path) -> EvaluateParams:
-    """Every trained stage on the test split, with the demo backend's and the oracle renders (the untrained
-    base, which answers nothing right, is left out for time: `occ evaluate run` scores it)."""
+    """Every trained stage and the base on the test split, with the demo backend's and the oracle renders."""
     views = {params.backend: Path(summary["render"]["test"]["views_dir"])}
     if params.backend != "oracle":
         oracle = render_flow(RenderParams(root=mirror, split="test", backend="oracle", views=0))
         views["oracle"] = Path(oracle["views_dir"])
     stages = summary["train"]["stages"]
     return EvaluateParams(
-        checkpoints={name: Path(stage["out"]) for name, stage in stages.items()},
+        checkpoints={"base": base_model_dir("tiny", params.seed)}
+        | {name: Path(stage["out"]) for name, stage in stages.items()},
         test_data=Path(summary["datasets"]["test"]["out_dir"]),
         views=views,
         # Answers are one short sentence: 16 tokens end every one that can match (upstream allows 1024).
