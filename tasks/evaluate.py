@@ -20,14 +20,11 @@ from occ_core.stage import params_hash
 from occ_core.train.checkpoint import check_model_dir, fingerprint
 
 
-def _out(checkpoint: Path, test_data: Path, views: Path, split: str, cfg: InferConfig) -> Path:
-    return infer.default_out(checkpoint, test_data, split, views, cfg)
-
-
 def _evaluation_key(context: Any, parameters: dict[str, Any]) -> str | None:
     checkpoint, test_data, views = parameters["checkpoint"], parameters["test_data"], parameters["views"]
     split, cfg = parameters["split"], parameters["cfg"]
-    if not (_out(checkpoint, test_data, views, split, cfg) / "predictions.scores.json").is_file():
+    out = infer.default_out(checkpoint, test_data, split, views, cfg)
+    if not (out / "predictions.scores.json").is_file():
         return None
     items = infer.items_from_dataset(test_data)
     return (
@@ -49,7 +46,7 @@ def evaluate_checkpoint(
     checkpoint: Path, stage: str, backend: str, test_data: Path, views: Path, split: str, cfg: InferConfig
 ) -> dict[str, Any]:
     """Description, reflection and decision of one stage's model with one backend's renders."""
-    out = _out(checkpoint, test_data, views, split, cfg)
+    out = infer.default_out(checkpoint, test_data, split, views, cfg)
     scores = infer.evaluate(checkpoint, infer.items_from_dataset(test_data), views, split, out, cfg)
     return {"stage": stage, "backend": backend, "out": str(out), **scores}
 

@@ -159,6 +159,12 @@ def image_token_ids(processor: Any) -> list[int]:
     return processor.tokenizer.convert_tokens_to_ids(tokens)
 
 
+def end_of_turn_ids(model: Any) -> list[int]:
+    """The token ids that end an answer (the generation config's eos, one id or several)."""
+    eos = model.generation_config.eos_token_id
+    return eos if isinstance(eos, list) else [eos]
+
+
 def sample_attempt(
     policy: Any, processor: Any, prompts: list[dict[str, Any]], settings: TrainConfig
 ) -> Attempt:
@@ -179,8 +185,7 @@ def sample_attempt(
             suppress_tokens=image_token_ids(processor),
         )
     answer_ids = output[:, inputs["input_ids"].shape[1] :]
-    eos = policy.generation_config.eos_token_id
-    ended = torch.isin(answer_ids, torch.tensor(eos if isinstance(eos, list) else [eos], device=device))
+    ended = torch.isin(answer_ids, torch.tensor(end_of_turn_ids(policy), device=device))
     # Tokens up to and including the first end-of-turn; what generate padded after it is not an answer.
     after_end = (ended.cumsum(dim=1) - ended.long()) > 0
     answer_mask = (~after_end).long()
@@ -276,12 +281,11 @@ class SCTrainer(Trainer):
         samples = self.settings.sc_samples
         wrong = (~right1).view(-1, samples)
         picks = [row * samples + int(torch.argmax(wrong[row].int())) for row in range(wrong.shape[0])]
-        eos = self.accelerator.unwrap_model(model).generation_config.eos_token_id
         reference = reference_attempt(
             self.processing_class,
             [second_prompts[i] for i in picks],
             [truth[i] for i in picks],
-            eos[0] if isinstance(eos, list) else eos,
+            end_of_turn_ids(self.accelerator.unwrap_model(model))[0],
             right1.device,
         )
         logprobs = answer_logprobs(model, reference)
