@@ -20,7 +20,7 @@ The ratio is second look / first look. A second look that beats its pinned attem
 look trained on the same rows gains from the data, not from seeing attempt 1: a gap SC could only show
 by training attempt 2 on rows attempt 1 is kept from. Paired counts on the test frames: ``fixed`` /
 ``broken`` against the pinned attempt 1 (what ``occ train --stage sc --test`` reports), and the frames
-only the second look or only the first look gets right.
+only the second look or only the first look gets right, each with its exact sign test (``p``).
 
 ``DIR/results.json`` holds every epoch's figures and the environment. The measured rows are in
 benchmarks/RESULTS.md ("self-correction: the bound").
@@ -43,7 +43,13 @@ from occ_core.train.data import load_sft
 from occ_core.train.model import apply_vision_policy, load_model
 from occ_core.train.predict import first_question, generate_answers, reference_answers
 from occ_core.train.presets import PRESETS, get_preset
-from occ_core.train.sc import answer_logprobs, end_of_turn_ids, reask_messages, reference_attempt
+from occ_core.train.sc import (
+    answer_logprobs,
+    end_of_turn_ids,
+    reask_messages,
+    reference_attempt,
+    sign_test_p,
+)
 
 # A row and attempt 1's answer to it -> the messages the trained answer follows.
 PromptOf = Callable[[dict[str, Any], str], list[dict[str, Any]]]
@@ -145,7 +151,13 @@ def bound(
             right = answers(model, prompt_of)
             kept[arm].append(right)
             fixed, broken = paired(right, pinned_right)
-            return {"accuracy": round(sum(right) / n, 4), "fixed": fixed, "broken": broken}
+            p_value = round(sign_test_p(fixed, broken), 4)
+            return {
+                "accuracy": round(sum(right) / n, 4),
+                "fixed": fixed,
+                "broken": broken,
+                "p_value": p_value,
+            }
 
         return score
 
@@ -167,6 +179,7 @@ def bound(
                 "ratio": round(s["accuracy"] / f["accuracy"], 3) if f["accuracy"] else None,
                 "only_second_right": only_second,
                 "only_first_right": only_first,
+                "p_value_vs_first": round(sign_test_p(only_second, only_first), 4),
             }
         )
     return {
@@ -192,13 +205,14 @@ def lines(report: dict[str, Any]) -> list[str]:
         f"{report['test_frames']} test frames, re-ask {report['reask']}; pinned attempt 1 "
         f"{report['pinned_attempt1']:.3f}"
     )
-    table = ["epoch  first look  second look  ratio  fixed/broken vs pinned  only second/only first right"]
+    table = ["epoch  first look  second look  ratio  fixed/broken vs pinned (p)  only 2nd/only 1st right (p)"]
     for e in report["epochs"]:
         s, f = e["second_look"], e["first_look"]
         ratio = f"{e['ratio']}x" if e["ratio"] is not None else "n/a"
         table.append(
             f"{e['epoch']:>5}  {f['accuracy']:>10.3f}  {s['accuracy']:>11.3f}  {ratio:>6}  "
-            f"{s['fixed']:>10} / {s['broken']:<11}  {e['only_second_right']:>14} / {e['only_first_right']}"
+            f"{s['fixed']:>7} / {s['broken']:<3} ({s['p_value']:.3f})     "
+            f"{e['only_second_right']:>7} / {e['only_first_right']:<3} ({e['p_value_vs_first']:.3f})"
         )
     return [head, *table]
 

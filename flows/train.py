@@ -151,7 +151,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {'before SC' if name == 'mpo' else 'after SC'} ({name}): attempt 1 {report['attempt1']:.3f}, "
             f"attempt 2 {report['attempt2']:.3f} on {report['n']} (re-ask fixed {report['fixed']}, "
-            f"broke {report['broken']})"
+            f"broke {report['broken']}; sign test p {report['p_value']:.3f}, below 0.05 is beyond noise)"
         )
     return lines
 

@@ -33,6 +33,7 @@ RNG, so a run resumed from a checkpoint samples the same tokens as an uninterrup
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -374,6 +375,16 @@ def build_sc_trainer(
     )
 
 
+def sign_test_p(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar (sign) test of the answers a re-ask changed: the chance that answers
+    changed at random (each a fix or a break with even odds) split at least as unevenly as these counts."""
+    changed = fixed + broken
+    if changed == 0:
+        return 1.0
+    tail = sum(math.comb(changed, k) for k in range(min(fixed, broken) + 1)) / 2**changed
+    return min(1.0, 2 * tail)
+
+
 def two_attempt_accuracy(
     policy: Any,
     processor: Any,
@@ -385,7 +396,7 @@ def two_attempt_accuracy(
 
     Returns:
         ``attempt1`` and ``attempt2`` exact-match accuracy, ``fixed`` (wrong, then right), ``broken``
-        (right, then wrong) and ``n``.
+        (right, then wrong), ``p_value`` (``sign_test_p`` of the two counts) and ``n``.
     """
     truth = reference_answers(rows)
     first = generate_answers(policy, processor, rows, batch_size)
@@ -397,12 +408,15 @@ def two_attempt_accuracy(
     right1 = [a == t for a, t in zip(first, truth, strict=True)]
     right2 = [a == t for a, t in zip(second, truth, strict=True)]
     n = len(rows)
+    fixed = sum(not a and b for a, b in zip(right1, right2, strict=True))
+    broken = sum(a and not b for a, b in zip(right1, right2, strict=True))
     return {
         "n": n,
         "attempt1": round(sum(right1) / n, 4) if n else None,
         "attempt2": round(sum(right2) / n, 4) if n else None,
-        "fixed": sum(not a and b for a, b in zip(right1, right2, strict=True)),
-        "broken": sum(a and not b for a, b in zip(right1, right2, strict=True)),
+        "fixed": fixed,
+        "broken": broken,
+        "p_value": round(sign_test_p(fixed, broken), 4),
     }
 
 

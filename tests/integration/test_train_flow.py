@@ -22,6 +22,7 @@ from occ_core.evaluate.infer import InferConfig
 from occ_core.occlusion import GraderConfig
 from occ_core.render import view_filename
 from occ_core.train.config import StageSettings
+from occ_core.train.sc import sign_test_p
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.integration, pytest.mark.slow]
 FRAMES = 24
@@ -115,6 +116,7 @@ def test_each_stage_is_scored_on_the_test_split_against_the_baselines(two_runs):
     for report in first["test_two_attempts"].values():
         assert report["n"] == FRAMES and 0 <= report["attempt1"] <= 1 and 0 <= report["attempt2"] <= 1
         assert report["fixed"] + report["broken"] <= FRAMES
+        assert report["p_value"] == round(sign_test_p(report["fixed"], report["broken"]), 4)
 
 
 def test_an_unchanged_rerun_trains_nothing(two_runs):

@@ -224,3 +224,17 @@ def test_reference_term_picks_the_sample_whose_first_attempt_was_wrong(sc_traine
     with pytest.raises(StopIteration):
         trainer._reference_loss(trainer.model, prompts, ["t"] * 4, right)
     assert [p["messages"][0] for p in seen["prompts"]] == ["row0-sample1", "row1-sample0"]
+
+
+@pytest.mark.parametrize("fixed,broken", [(3, 1), (28, 13), (13, 28), (10, 10), (0, 5), (16, 14), (40, 0)])
+def test_sign_test_is_the_exact_two_sided_binomial_test_of_fixed_against_broken(fixed, broken):
+    from scipy.stats import binomtest
+
+    expected = binomtest(fixed, fixed + broken, 0.5, alternative="two-sided").pvalue
+    assert sc.sign_test_p(fixed, broken) == pytest.approx(expected, rel=1e-9)
+
+
+def test_sign_test_of_a_re_ask_that_changed_nothing_is_one_and_of_the_demo_split_is_noise():
+    assert sc.sign_test_p(0, 0) == 1.0
+    # The demo's SC: fixed 3, broke 1 -> P(split at least this uneven | even odds) = 2 * 5/16.
+    assert sc.sign_test_p(3, 1) == 0.625
