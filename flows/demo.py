@@ -117,7 +117,8 @@ def demo_flow(params: DemoConfig = DemoConfig()) -> dict[str, Any]:  # noqa: B00
                 # any second turn "Yes."/"No.", so with the conversation re-ask SC found no class answer to
                 # reinforce and drifted to long strings the Levenshtein reward pays more for (README, SC).
                 # Half an epoch (38 steps of 4 prompts): a full one did no better (benchmarks/RESULTS.md,
-                # self-correction) and costs the demo about 50 s more.
+                # self-correction) and costs the demo about 50 s more. No setting can do much better on the
+                # tiny preset: its second look has nothing the first lacks (benchmarks/sc_bound.py).
                 sc=StageSettings(seed=params.seed, sc_reask="rewrite", sc_improvement_bonus=1.0, epochs=0.5),
             )
         )
