@@ -148,10 +148,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             )
         lines.append(line)
     for name, report in summary.get("test_two_attempts", {}).items():
+        noise = "beyond" if report["p_value"] < 0.05 else "within"
         lines.append(
             f"  {'before SC' if name == 'mpo' else 'after SC'} ({name}): attempt 1 {report['attempt1']:.3f}, "
             f"attempt 2 {report['attempt2']:.3f} on {report['n']} (re-ask fixed {report['fixed']}, "
-            f"broke {report['broken']}; sign test p {report['p_value']:.3f}, below 0.05 is beyond noise)"
+            f"broke {report['broken']}; sign test p {report['p_value']:.3f}: {noise} noise)"
         )
     return lines
 
