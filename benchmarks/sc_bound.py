@@ -32,7 +32,7 @@ import copy
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from occ_core.train.model import apply_vision_policy, load_model
 from occ_core.train.predict import first_question, generate_answers, reference_answers
 from occ_core.train.presets import PRESETS, get_preset
 from occ_core.train.sc import (
-    answer_logprobs,
+    answer_nll,
     end_of_turn_ids,
+    only_right,
     reask_messages,
     reference_attempt,
     sign_test_p,
@@ -62,9 +63,9 @@ def fine_tune_epochs(
     first_answers: list[str],
     prompt_of: PromptOf,
     settings: dict[str, Any],
-    score: Callable[[Any], dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """Fine-tune a copy of ``init`` on the truth after ``prompt_of(row, attempt 1)``; ``score`` it per epoch.
+) -> Iterator[tuple[float, Any]]:
+    """Fine-tune a copy of ``init`` on the truth after ``prompt_of(row, attempt 1)``; after each epoch,
+    yield its mean training loss and the model (in eval mode).
 
     The tower follows the preset's policy; AdamW with 3% linear warm-up and a cosine decay over the run;
     the row order of each epoch comes from ``settings["seed"]`` alone, so both arms see the same batches.
@@ -82,7 +83,6 @@ def fine_tune_epochs(
     schedule = get_cosine_schedule_with_warmup(optimiser, int(0.03 * steps), steps)
     truth, eos = reference_answers(rows), end_of_turn_ids(model)[0]
     device = next(model.parameters()).device
-    records = []
     for epoch in range(1, epochs + 1):
         order = list(range(len(rows)))
         random.Random(settings["seed"] * 1000 + epoch).shuffle(order)
@@ -91,25 +91,16 @@ def fine_tune_epochs(
         for start in range(0, len(order), batch):
             picked = order[start : start + batch]
             prompts = [{**rows[i], "messages": prompt_of(rows[i], first_answers[i])} for i in picked]
-            target = reference_attempt(processor, prompts, [truth[i] for i in picked], eos, device)
-            logprobs = answer_logprobs(model, target)
-            loss = -(logprobs * target.answer_mask).sum() / target.answer_mask.sum()
+            loss = answer_nll(
+                model, reference_attempt(processor, prompts, [truth[i] for i in picked], eos, device)
+            )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        records.append({"epoch": epoch, "train_loss": round(sum(losses) / len(losses), 4), **score(model)})
-    return records
-
-
-def paired(right_a: list[bool], right_b: list[bool]) -> tuple[int, int]:
-    """Frames only ``a`` gets right, frames only ``b`` gets right."""
-    return (
-        sum(a and not b for a, b in zip(right_a, right_b, strict=True)),
-        sum(b and not a for a, b in zip(right_a, right_b, strict=True)),
-    )
+        yield sum(losses) / len(losses), model
 
 
 def bound(
@@ -139,41 +130,34 @@ def bound(
     def plain_prompt(row: dict[str, Any], answer: str) -> list[dict[str, Any]]:
         return first_question(row)
 
-    def answers(model: Any, prompt_of: PromptOf) -> list[bool]:
+    def arm(prompt_of: PromptOf) -> list[tuple[float, list[bool]]]:
+        """Each epoch's training loss and which test frames the arm then gets right."""
         prompts = [{**row, "messages": prompt_of(row, a)} for row, a in zip(test, pinned, strict=True)]
-        out = generate_answers(model, processor, prompts, 64, prompt=lambda row: row["messages"])
-        return [a == t for a, t in zip(out, test_truth, strict=True)]
+        epochs = []
+        for loss, model in fine_tune_epochs(init, processor, rows, first_train, prompt_of, settings):
+            out = generate_answers(model, processor, prompts, 64, prompt=lambda row: row["messages"])
+            epochs.append((loss, [a == t for a, t in zip(out, test_truth, strict=True)]))
+        return epochs
 
-    kept: dict[str, list[list[bool]]] = {"second": [], "first": []}
-
-    def scorer(arm: str, prompt_of: PromptOf) -> Callable[[Any], dict[str, Any]]:
-        def score(model: Any) -> dict[str, Any]:
-            right = answers(model, prompt_of)
-            kept[arm].append(right)
-            fixed, broken = paired(right, pinned_right)
-            p_value = round(sign_test_p(fixed, broken), 4)
-            return {
-                "accuracy": round(sum(right) / n, 4),
-                "fixed": fixed,
-                "broken": broken,
-                "p_value": p_value,
-            }
-
-        return score
+    def figures(loss: float, right: list[bool]) -> dict[str, Any]:
+        fixed, broken = only_right(right, pinned_right)
+        return {
+            "train_loss": round(loss, 4),
+            "accuracy": round(sum(right) / n, 4),
+            "fixed": fixed,
+            "broken": broken,
+            "p_value": round(sign_test_p(fixed, broken), 4),
+        }
 
     started = time.perf_counter()
-    second = fine_tune_epochs(
-        init, processor, rows, first_train, second_prompt, settings, scorer("second", second_prompt)
-    )
-    first = fine_tune_epochs(
-        init, processor, rows, first_train, plain_prompt, settings, scorer("first", plain_prompt)
-    )
+    second, first = arm(second_prompt), arm(plain_prompt)
     epochs = []
-    for s, f, s_right, f_right in zip(second, first, kept["second"], kept["first"], strict=True):
-        only_second, only_first = paired(s_right, f_right)
+    for epoch, ((s_loss, s_right), (f_loss, f_right)) in enumerate(zip(second, first, strict=True), 1):
+        s, f = figures(s_loss, s_right), figures(f_loss, f_right)
+        only_second, only_first = only_right(s_right, f_right)
         epochs.append(
             {
-                "epoch": s["epoch"],
+                "epoch": epoch,
                 "second_look": s,
                 "first_look": f,
                 "ratio": round(s["accuracy"] / f["accuracy"], 3) if f["accuracy"] else None,

@@ -79,12 +79,21 @@ def train_stage(cfg: TrainConfig, launch_cfg: LaunchConfig, folds: int = 0) -> d
     return card
 
 
-def _accuracy_key(context: Any, parameters: dict[str, Any]) -> str:
+def _test_key(parameters: dict[str, Any], *modules: Any) -> str:
+    """The model's weights, the test rows and the code of ``modules``, which compute the report: an edit
+    there (a new field, say) is not served a report cached before it."""
+    from occ_core.stage import code_version
     from occ_core.train import data
     from occ_core.train.run import data_fingerprint
 
     test = data.load_sft(parameters["test_data"], "sft1")
-    return f"q1-accuracy-{fingerprint(parameters['model_dir'])[:16]}-{data_fingerprint(test)}"
+    return f"{fingerprint(parameters['model_dir'])[:16]}-{data_fingerprint(test)}-{code_version(*modules)}"
+
+
+def _accuracy_key(context: Any, parameters: dict[str, Any]) -> str:
+    from occ_core.train import predict
+
+    return f"q1-accuracy-{_test_key(parameters, predict)}"
 
 
 @task(
@@ -102,13 +111,10 @@ def q1_accuracy(model_dir: Path, test_data: Path, preset: str, stage: str) -> di
     return {"stage": stage, **evaluate_q1(model_dir, data.load_sft(test_data, "sft1"), preset)}
 
 
-# Part of the cache key: a report cached before its fields changed (2: p_value added) is not served again.
-TWO_ATTEMPTS_FORMAT = 2
-
-
 def _two_attempts_key(context: Any, parameters: dict[str, Any]) -> str:
-    reask = parameters["reask"]
-    return f"two-attempts-{TWO_ATTEMPTS_FORMAT}-{reask}-{_accuracy_key(context, parameters)}"
+    from occ_core.train import predict, sc
+
+    return f"two-attempts-{parameters['reask']}-{_test_key(parameters, predict, sc)}"
 
 
 @task(

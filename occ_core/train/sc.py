@@ -227,6 +227,12 @@ def answer_logprobs(model: Any, attempt: Attempt) -> Any:
     return token_logprobs(logits / attempt.temperature, attempt.answer_ids)
 
 
+def answer_nll(model: Any, attempt: Attempt) -> Any:
+    """Mean negative log-likelihood of the answer tokens of ``attempt`` under ``model`` (an SFT loss)."""
+    logprobs = answer_logprobs(model, attempt)
+    return -(logprobs * attempt.answer_mask).sum() / attempt.answer_mask.sum()
+
+
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A batch of SC rows as they are (images stay paths; prompts are built when sampling)."""
     return {"rows": rows}
@@ -289,8 +295,7 @@ class SCTrainer(Trainer):
             end_of_turn_ids(self.accelerator.unwrap_model(model))[0],
             right1.device,
         )
-        logprobs = answer_logprobs(model, reference)
-        return -(logprobs * reference.answer_mask).sum() / reference.answer_mask.sum()
+        return answer_nll(model, reference)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         import torch
@@ -375,6 +380,14 @@ def build_sc_trainer(
     )
 
 
+def only_right(right_a: list[bool], right_b: list[bool]) -> tuple[int, int]:
+    """Frames only ``a`` gets right, frames only ``b`` gets right (``a`` after the re-ask: fixed, broken)."""
+    return (
+        sum(a and not b for a, b in zip(right_a, right_b, strict=True)),
+        sum(b and not a for a, b in zip(right_a, right_b, strict=True)),
+    )
+
+
 def sign_test_p(fixed: int, broken: int) -> float:
     """Exact two-sided McNemar (sign) test of the answers a re-ask changed: the chance that answers
     changed at random (each a fix or a break with even odds) split at least as unevenly as these counts."""
@@ -408,8 +421,7 @@ def two_attempt_accuracy(
     right1 = [a == t for a, t in zip(first, truth, strict=True)]
     right2 = [a == t for a, t in zip(second, truth, strict=True)]
     n = len(rows)
-    fixed = sum(not a and b for a, b in zip(right1, right2, strict=True))
-    broken = sum(a and not b for a, b in zip(right1, right2, strict=True))
+    fixed, broken = only_right(right2, right1)
     return {
         "n": n,
         "attempt1": round(sum(right1) / n, 4) if n else None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sc_bound import bound, paired
+from benchmarks.sc_bound import bound
 from occ_core.train.config import TrainConfig
 from occ_core.train.data import load_sft
 from occ_core.train.predict import evaluate_q1
@@ -28,11 +28,6 @@ def sft1(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bound") / "sft1"
     train(TrainConfig(stage="sft1", data=train_data, out=out, **QUICK))
     return out
-
-
-def test_paired_counts_the_frames_only_one_side_gets_right():
-    assert paired([True, True, False, False], [True, False, True, False]) == (1, 1)
-    assert paired([True, True, True], [False, False, True]) == (2, 0)
 
 
 def test_an_untrained_first_look_is_the_pinned_attempt_1_and_the_counts_add_up(sft1, train_data):

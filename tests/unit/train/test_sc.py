@@ -238,3 +238,8 @@ def test_sign_test_of_a_re_ask_that_changed_nothing_is_one_and_of_the_demo_split
     assert sc.sign_test_p(0, 0) == 1.0
     # The demo's SC: fixed 3, broke 1 -> P(split at least this uneven | even odds) = 2 * 5/16.
     assert sc.sign_test_p(3, 1) == 0.625
+
+
+def test_paired_counts_the_frames_only_one_side_gets_right():
+    assert sc.only_right([True, True, False, False], [True, False, True, False]) == (1, 1)
+    assert sc.only_right([True, True, True], [False, False, True]) == (2, 0)
